@@ -1,0 +1,125 @@
+"""The rules that hold the monorepo together: ten self-contained folders, one conftest mechanism."""
+import ast
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FOLDERS = ["ddpm", "fff", "gnns", "gpt", "lm_compression", "nf", "ppo", "vit", "mae", "clip"]
+PRESENT = [f for f in FOLDERS if (ROOT / f / "model.py").exists()]
+
+
+def local_modules(folder):
+    return {p.stem for p in (ROOT / folder).glob("*.py")}
+
+
+def imported_names(path):
+    """Top-level names of every import in a file, and whether it touches sys.path."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+        elif isinstance(node, ast.ImportFrom):
+            names.add("." * node.level)  # relative imports break `python train.py`
+    touches_sys_path = "sys.path" in path.read_text()
+    return names, touches_sys_path
+
+
+def import_violations(folder, root=ROOT):
+    """Imports in `folder` that would break once the folder is copied alone."""
+    own = {p.stem for p in (root / folder).glob("*.py")}
+    others = set(FOLDERS) - {folder}
+    for other in others:
+        if (root / other).is_dir():
+            others = others | ({p.stem for p in (root / other).glob("*.py")} - own)
+    bad = []
+    for path in sorted((root / folder).rglob("*.py")):
+        names, touches_sys_path = imported_names(path)
+        for name in sorted(names & others) + sorted(n for n in names if n.startswith(".")):
+            bad.append(f"{path.relative_to(root)} imports {name!r}")
+        if touches_sys_path and path.name != "conftest.py":
+            bad.append(f"{path.relative_to(root)} edits sys.path")
+    return bad
+
+
+def test_every_folder_exists():
+    missing = [f for f in FOLDERS if not (ROOT / f).is_dir()]
+    assert not missing, f"missing folders: {missing}"
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_folder_has_its_files(folder):
+    if folder not in PRESENT:
+        pytest.skip(f"{folder}/ has no model.py yet")
+    for name in ["model.py", "train.py", "sample.py", "README.md", f"test_{folder}.py", "conftest.py"]:
+        assert (ROOT / folder / name).exists(), f"{folder}/{name} is missing"
+
+
+def test_conftest_is_the_same_file_everywhere():
+    reference = (ROOT / "ppo" / "conftest.py").read_text()
+    for folder in FOLDERS:
+        assert (ROOT / folder / "conftest.py").read_text() == reference, f"{folder}/conftest.py differs"
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_no_folder_imports_another(folder):
+    assert import_violations(folder) == []
+
+
+def test_import_check_catches_a_cross_folder_import(tmp_path):
+    """The rule above can fail: a folder that imports another folder's module is caught."""
+    for folder, source in [("gpt", "import torch\n"), ("vit", "from gpt.model import GPT\nimport tokenizer\n")]:
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "model.py").write_text(source)
+    (tmp_path / "gpt" / "tokenizer.py").write_text("")
+    assert import_violations("vit", root=tmp_path) == ["vit/model.py imports 'gpt'", "vit/model.py imports 'tokenizer'"]
+    assert import_violations("gpt", root=tmp_path) == []
+
+
+def run_pytest(cwd, *args):
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
+                          cwd=cwd, env=env, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("with_conftest", [True, False])
+def test_conftest_keeps_same_named_modules_apart(tmp_path, with_conftest):
+    """Two folders with a model.py each, in one pytest run: each test must see its own folder's model."""
+    for name in ["alpha", "beta"]:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model.py").write_text(f"NAME = {name!r}\n")
+        (folder / "train.py").write_text("import model\nNAME = model.NAME\n")
+        (folder / f"test_{name}.py").write_text(
+            f"import model\nimport train\n\ndef test_own_modules():\n"
+            f"    assert model.NAME == train.NAME == {name!r}\n")
+        if with_conftest:
+            shutil.copy(ROOT / "ppo" / "conftest.py", folder / "conftest.py")
+    result = run_pytest(tmp_path, "alpha", "beta")
+    if with_conftest:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "2 passed" in result.stdout
+    else:
+        assert result.returncode != 0, "without the conftest the second folder should see the first's model"
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_folder_works_when_copied_alone(tmp_path, folder):
+    if folder not in PRESENT:
+        pytest.skip(f"{folder}/ has no model.py yet")
+    copy = tmp_path / folder
+    shutil.copytree(ROOT / folder, copy, ignore=shutil.ignore_patterns("__pycache__", "runs", "data"))
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    help_run = subprocess.run([sys.executable, "train.py", "--help"], cwd=copy, env=env,
+                              capture_output=True, text=True)
+    assert help_run.returncode == 0, help_run.stderr
+    assert "--seed" in help_run.stdout
+    tests = run_pytest(copy, "-x")
+    assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-3000:]
