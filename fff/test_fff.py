@@ -1,0 +1,220 @@
+"""Checks of the paper's claims about FFFs against brute-force references. Run: python -m pytest (in fff/)."""
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model
+import sample
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def random_fff(depth=3, seed=0, input_width=12, output_width=5):
+    torch.manual_seed(seed)
+    return model.FFF(input_width, output_width, depth=depth, leaf_width=6, node_width=4)
+
+
+def brute_force_leaf(fff, x):
+    """Walk the tree one sample at a time with plain nn.functional calls on each node's own weights."""
+    node = 0
+    for _ in range(fff.depth):
+        h = F.relu(x @ fff.node_w1[node] + fff.node_b1[node])
+        logit = h @ fff.node_w2[node] + fff.node_b2[node]
+        node = 2 * node + 2 if torch.sigmoid(logit).item() > 0.5 else 2 * node + 1
+    return node - fff.num_nodes
+
+
+@pytest.mark.parametrize("depth", [1, 3, 5])
+def test_hard_path_equals_brute_force_tree_walk(depth):
+    fff = random_fff(depth)
+    x = torch.randn(64, 12)
+    expected = torch.tensor([brute_force_leaf(fff, xi) for xi in x])
+    assert torch.equal(fff.leaf_index(x), expected)
+    assert len(expected.unique()) > 1, "a test where every sample takes the same path proves little"
+
+
+def test_hard_output_is_the_chosen_leafs_output():
+    fff = random_fff()
+    x = torch.randn(32, 12)
+    leaf = fff.leaf_index(x)
+    all_leaves = fff.leaf_outputs(x)  # (B, leaves, out), every leaf evaluated densely
+    torch.testing.assert_close(fff.forward_hard(x), all_leaves[torch.arange(32), leaf])
+
+
+def test_mixture_weights_sum_to_one_and_match_path_products():
+    fff = random_fff(depth=4)
+    x = torch.randn(16, 12)
+    logits = fff.node_logits(x)
+    weights = fff.mixture(logits)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(16))
+    c = torch.sigmoid(logits)
+    for leaf in [0, 5, 15]:  # product of (1 - c) for left turns and c for right turns along the heap path
+        node, expected = leaf + fff.num_nodes, torch.ones(16)
+        while node > 0:
+            parent = (node - 1) // 2
+            expected = expected * (c[:, parent] if node == 2 * parent + 2 else 1 - c[:, parent])
+            node = parent
+        torch.testing.assert_close(weights[:, leaf], expected)
+
+
+def test_saturated_decisions_make_soft_equal_hard():
+    fff = random_fff()
+    with torch.no_grad():  # scale each node's output layer so its logit is far from 0: sigmoid becomes exactly 0 or 1
+        fff.node_w2.mul_(1e6)
+        fff.node_b2.mul_(1e6)
+    x = torch.randn(32, 12)
+    soft, _ = fff(x)
+    torch.testing.assert_close(soft, fff.forward_hard(x))
+
+
+def test_hardening_loss_matches_hand_computed_entropy():
+    logits = torch.tensor([[0.0, 2.0, -1.0], [3.0, -0.5, 0.0]])
+    p = 1 / (1 + np.exp(-logits.double().numpy()))
+    entropy = -p * np.log(p) - (1 - p) * np.log(1 - p)  # (B, nodes)
+    expected = entropy.mean(axis=0).sum()
+    assert model.hardening_loss(logits).item() == pytest.approx(expected, rel=1e-6)
+    assert model.hardening_loss(torch.full((4, 3), 50.0)).item() == pytest.approx(0.0, abs=1e-12)  # decided nodes
+    assert model.hardening_loss(torch.zeros(4, 3)).item() == pytest.approx(3 * np.log(2))  # undecided nodes
+
+
+def test_child_transposition_swaps_the_mixture():
+    fff = random_fff(depth=1)
+    x = torch.randn(8, 12)
+    straight, _ = fff(x)
+    swapped, _ = fff(x, transposition_prob=1.0 - 1e-9)  # every node flipped: left and right leaves trade places
+    c = torch.sigmoid(fff.node_logits(x))[:, :1]
+    leaves = fff.leaf_outputs(x)
+    torch.testing.assert_close(straight, (1 - c) * leaves[:, 0] + c * leaves[:, 1])
+    torch.testing.assert_close(swapped, c * leaves[:, 0] + (1 - c) * leaves[:, 1])
+
+
+def test_tiny_fff_learns_a_toy_task_and_its_hard_path_too():
+    torch.manual_seed(0)
+    x = torch.randn(512, 2)
+    y = ((x[:, 0] > 0) ^ (x[:, 1] > 0)).long()  # XOR of quadrants: needs more than one linear region
+    fff = model.FFF(2, 2, depth=2, leaf_width=8, node_width=8)
+    optimizer = torch.optim.Adam(fff.parameters(), lr=0.02)
+    first = None
+    for step in range(300):
+        logits, node_logits = fff(x)
+        loss = F.cross_entropy(logits, y) + (0.1 if step > 150 else 0.0) * model.hardening_loss(node_logits)
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.3 * first
+    assert (fff.forward_hard(x).argmax(-1) == y).float().mean() > 0.9
+
+
+def test_invalid_sizes_raise():
+    with pytest.raises(ValueError):
+        model.FFF(10, 2, depth=0)
+    with pytest.raises(ValueError):
+        model.FFF(10, 2, depth=2, leaf_width=0)
+
+
+def write_fake_mnist(root, n_train=256, n_test=128, seed=0):
+    """A learnable stand-in for MNIST in torchvision's raw idx layout: class k lights up row band k."""
+    rng = np.random.default_rng(seed)
+    raw = os.path.join(root, "MNIST", "raw")
+    os.makedirs(raw)
+    for split, n in [("train", n_train), ("t10k", n_test)]:
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for i, k in enumerate(labels):
+            images[i, 2 * k + 4 : 2 * k + 7, 4:24] = 255
+        with open(os.path.join(raw, f"{split}-images-idx3-ubyte"), "wb") as f:
+            f.write(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+        with open(os.path.join(raw, f"{split}-labels-idx1-ubyte"), "wb") as f:
+            f.write(struct.pack(">II", 2049, n) + labels.tobytes())
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fff")
+    write_fake_mnist(root / "data")
+    out = root / "run"
+    args = ["--data-dir", str(root / "data"), "--out-dir", str(out), "--epochs", "2", "--batch-size", "32",
+            "--device", "cpu", "--lr", "3e-3"]
+    train.main(args)
+    return root, out, args
+
+
+def test_training_learns_and_checkpoint_reports_the_same_accuracy(trained_run, capsys):
+    root, out, _ = trained_run
+    lines = (out / "metrics.csv").read_text().splitlines()
+    last = dict(zip(lines[0].split(","), lines[-1].split(",")))
+    assert float(last["test_soft_acc"]) > 0.6  # chance is 0.1
+    sample.main(["--checkpoint", str(out / "ckpt.pt"), "--data-dir", str(root / "data"), "--eval", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert f"soft {100 * float(last['test_soft_acc']):.2f}%" in printed
+    assert f"hard {100 * float(last['test_hard_acc']):.2f}%" in printed
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(trained_run, tmp_path, monkeypatch):
+    root, out, args = trained_run
+    save = train.save_checkpoint
+
+    def save_every_epoch(path, checkpoint):  # keep each epoch's checkpoint, as if the run had been stopped there
+        save(path, checkpoint)
+        save(path.replace("ckpt.pt", f"epoch{checkpoint['epoch']}.pt"), checkpoint)
+
+    monkeypatch.setattr(train, "save_checkpoint", save_every_epoch)
+    train.main([a if a != str(out) else str(tmp_path / "a") for a in args])
+    uninterrupted = torch.load(out / "ckpt.pt", weights_only=True)
+    again = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    train.main(["--resume", str(tmp_path / "a" / "epoch1.pt"), "--epochs", "2", "--out-dir", str(tmp_path / "b"),
+                "--data-dir", str(root / "data"), "--device", "cpu"])
+    resumed = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    for name, tensor in uninterrupted["model"].items():
+        assert torch.equal(tensor, again["model"][name]), f"same seed, different run: {name}"
+        assert torch.equal(tensor, resumed["model"][name]), f"resumed run differs: {name}"
+
+
+def test_leaves_plot_and_benchmark_run(trained_run, tmp_path, capsys):
+    root, out, _ = trained_run
+    picture = tmp_path / "leaves.png"
+    sample.main(["--checkpoint", str(out / "ckpt.pt"), "--data-dir", str(root / "data"), "--leaves",
+                 "--plot", str(picture), "--device", "cpu"])
+    assert picture.stat().st_size > 1000
+    sample.main(["--benchmark", "--depths", "2", "--batch-sizes", "1", "4"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("cpu")]
+    assert len(rows) == 2
+
+
+def run_script(*args, cwd=HERE):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
+                          env=dict(os.environ, DATA_DIR=""))
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path):
+    empty = tmp_path / "nothing_here"
+    for args, message in [
+        (["train.py", "--depth", "0"], "--depth must be at least 1"),
+        (["train.py", "--leaf-width", "-4"], "--leaf-width must be positive"),
+        (["train.py", "--data-dir", str(empty), "--out-dir", str(tmp_path / "run")], "could not be downloaded"),
+        (["sample.py", "--eval", "--checkpoint", str(tmp_path / "missing.pt")], "checkpoint not found"),
+    ]:
+        result = run_script(*args)
+        assert result.returncode != 0
+        assert "Traceback" not in result.stderr
+        assert message in result.stderr.strip().splitlines()[-1]
+    assert not empty.exists() and not (tmp_path / "run").exists(), "a failed run must leave nothing behind"
+
+
+def test_corrupt_and_foreign_checkpoints_are_refused(tmp_path):
+    truncated = tmp_path / "truncated.pt"
+    torch.save({"folder": "fff", "model": {"w": torch.zeros(1000)}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"folder": "gpt"}, foreign)
+    for path, message in [(truncated, "not a readable checkpoint"), (foreign, "not written by fff")]:
+        with pytest.raises(SystemExit, match=message):
+            train.load_checkpoint(str(path))
