@@ -1,0 +1,382 @@
+"""Checks of the papers' claims and of the folder's conventions, each against an independent reference."""
+import math
+import os
+import pickle
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+import model
+import sample
+import train
+from model import GATConv, GCNConv, GraphClassifier, NodeClassifier, global_pool, prepare_edges, scatter_softmax
+
+HERE = Path(__file__).resolve().parent
+DATA_DIR = Path(os.environ.get("DATA_DIR", "data"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is fastest, above all on a shared machine; restored for the other folders' tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_graph(num_nodes=12, num_edges=30, seed=0):
+    """Random edges plus the awkward cases: duplicates, explicit self-loops, and isolated nodes (the last 3)."""
+    g = torch.Generator().manual_seed(seed)
+    edges = torch.randint(0, num_nodes - 3, (2, num_edges), generator=g)
+    duplicates = edges[:, :5]
+    self_loops = torch.tensor([[0, 1, 1], [0, 1, 1]])
+    return torch.cat([edges, duplicates, self_loops], 1)
+
+
+def brute_force_adjacency(edge_index, num_nodes):
+    """A + I as nested Python loops: a[i][j] = 1 iff some edge j -> i, or i == j."""
+    a = [[1.0 if i == j else 0.0 for j in range(num_nodes)] for i in range(num_nodes)]
+    for j, i in edge_index.T.tolist():
+        a[i][j] = 1.0
+    return torch.tensor(a)
+
+
+# -----------------------------------------------------------------------------
+# Message passing against the dense O(N^2) formulation
+
+
+def test_prepare_edges_dedups_and_adds_one_self_loop_per_node():
+    edge_index = random_graph()
+    prepared = prepare_edges(edge_index, 12)
+    expected = {(j, i) for j, i in edge_index.T.tolist() if i != j} | {(i, i) for i in range(12)}
+    got = [tuple(e) for e in prepared.T.tolist()]
+    assert len(got) == len(set(got)) and set(got) == expected
+    assert prepared[1].tolist() == sorted(prepared[1].tolist())  # grouped by destination
+
+
+def test_gcn_sparse_equals_dense_reference_and_closed_form():
+    torch.manual_seed(0)
+    edge_index, x = random_graph(), torch.randn(12, 5)
+    conv = GCNConv(5, 4)
+    adj = brute_force_adjacency(edge_index, 12)
+    sparse = conv(x, prepare_edges(edge_index, 12))
+    dense = conv.forward_dense(x.unsqueeze(0), adj.unsqueeze(0))[0]
+    d = adj.sum(1)
+    closed_form = torch.diag(d ** -0.5) @ adj @ torch.diag(d ** -0.5) @ x @ conv.weight + conv.bias  # Kipf Eq. 2
+    torch.testing.assert_close(sparse, dense)
+    torch.testing.assert_close(sparse, closed_form)
+    # an isolated node (degree 1 with its self-loop) keeps its own transformed features
+    torch.testing.assert_close(sparse[11], x[11] @ conv.weight + conv.bias)
+
+
+@pytest.mark.parametrize("concat", [True, False])
+def test_gat_sparse_equals_dense_reference(concat):
+    torch.manual_seed(1)
+    edge_index, x = random_graph(seed=1), torch.randn(12, 5)
+    conv = GATConv(5, 3, heads=4, concat=concat).eval()
+    adj = brute_force_adjacency(edge_index, 12)
+    sparse, alpha = conv(x, prepare_edges(edge_index, 12), return_attention=True)
+    dense, attention = conv.forward_dense(x.unsqueeze(0), adj.unsqueeze(0), return_attention=True)
+    torch.testing.assert_close(sparse, dense[0])
+    src, dst = prepare_edges(edge_index, 12)
+    torch.testing.assert_close(alpha, attention[0][:, dst, src].T)  # (E, heads) vs (heads, N, N)
+    assert sparse.shape == (12, 12 if concat else 3)
+
+
+def test_gat_attention_sums_to_one_over_each_neighbourhood():
+    torch.manual_seed(2)
+    edge_index = prepare_edges(random_graph(seed=2), 12)
+    conv = GATConv(5, 3, heads=2).eval()
+    _, alpha = conv(torch.randn(12, 5), edge_index, return_attention=True)
+    sums = torch.zeros(12, 2)
+    for (j, i), a in zip(edge_index.T.tolist(), alpha):
+        sums[i] += a
+    torch.testing.assert_close(sums, torch.ones(12, 2))
+    assert (alpha > 0).all()
+
+
+def test_scatter_softmax_is_stable_and_equals_softmax_per_node():
+    dst = torch.tensor([0, 0, 0, 1, 1, 2])
+    logits = torch.tensor([[1000.0], [1001.0], [999.0], [-1000.0], [-1002.0], [5.0]])  # exp() alone overflows
+    alpha = scatter_softmax(logits, dst, 3)
+    expected = torch.cat([torch.softmax(logits[dst == i, 0], 0) for i in range(3)])
+    torch.testing.assert_close(alpha[:, 0], expected)
+
+
+def test_gat_attention_gradient_matches_dense_autograd():
+    torch.manual_seed(3)
+    edge_index, x = random_graph(seed=3), torch.randn(12, 5)
+    conv = GATConv(5, 3, heads=2).eval()
+    conv(x, prepare_edges(edge_index, 12)).square().sum().backward()
+    sparse_grads = [p.grad.clone() for p in conv.parameters()]
+    conv.zero_grad()
+    conv.forward_dense(x[None], brute_force_adjacency(edge_index, 12)[None]).square().sum().backward()
+    for sparse_grad, p in zip(sparse_grads, conv.parameters()):
+        torch.testing.assert_close(sparse_grad, p.grad)
+
+
+@pytest.mark.parametrize("kind", ["gcn", "gat"])
+def test_node_outputs_are_permutation_equivariant(kind):
+    torch.manual_seed(4)
+    edge_index, x = prepare_edges(random_graph(seed=4), 12), torch.randn(12, 5)
+    net = NodeClassifier(kind, 5, 4, 3, heads=2).eval()
+    perm = torch.randperm(12)
+    inverse = torch.argsort(perm)  # node k of the permuted graph is node perm[k] of the original
+    permuted_edges = prepare_edges(inverse[edge_index], 12)
+    torch.testing.assert_close(net(x[perm], permuted_edges), net(x, edge_index)[perm])
+
+
+@pytest.mark.parametrize("readout", ["mean", "max"])
+def test_graph_readout_is_invariant_to_node_order(readout):
+    torch.manual_seed(5)
+    edge_index, x = prepare_edges(random_graph(seed=5), 12), torch.randn(12, 3)
+    net = GraphClassifier("gat", 3, 8, 10, layers=2, heads=2, readout=readout).eval()
+    perm = torch.randperm(12)
+    permuted_edges = prepare_edges(torch.argsort(perm)[edge_index], 12)
+    batch = torch.zeros(12, dtype=torch.long)
+    torch.testing.assert_close(net(x[perm], permuted_edges, batch, 1), net(x, edge_index, batch, 1))
+
+
+def test_global_pool_equals_per_graph_reduction():
+    x, batch = torch.randn(10, 4), torch.tensor([0, 0, 2, 2, 2, 1, 0, 1, 2, 2])
+    torch.testing.assert_close(global_pool(x, batch, 3, "mean"), torch.stack([x[batch == g].mean(0) for g in range(3)]))
+    torch.testing.assert_close(global_pool(x, batch, 3, "max"), torch.stack([x[batch == g].amax(0) for g in range(3)]))
+
+
+def test_block_diagonal_batch_equals_dense_batched_reference():
+    torch.manual_seed(6)
+    edge_index = prepare_edges(train.grid_graph(4, 5), 20)
+    images = torch.randint(0, 256, (3, 4, 5), dtype=torch.uint8)
+    x = train.pixel_features(images)                                            # (3, 20, 3)
+    edges, batch = train.block_diagonal(edge_index, 20, 3)
+    for kind in ["gcn", "gat"]:
+        net = GraphClassifier(kind, 3, 8, 10, layers=2, heads=2).eval()
+        adj = model.dense_adjacency(edge_index, 20).expand(3, 20, 20)
+        torch.testing.assert_close(net(x.view(-1, 3), edges, batch, 3), net.forward_dense(x, adj))
+
+
+@pytest.mark.parametrize("height,width", [(1, 1), (1, 4), (3, 3), (28, 28), (5, 7)])
+def test_grid_graph_has_the_8_neighbour_edge_count(height, width):
+    edge_index = train.grid_graph(height, width)
+    expected = {(y1 * width + x1, y2 * width + x2)
+                for y1 in range(height) for x1 in range(width) for y2 in range(height) for x2 in range(width)
+                if (y1, x1) != (y2, x2) and abs(y1 - y2) <= 1 and abs(x1 - x2) <= 1}
+    assert sorted(map(tuple, edge_index.T.tolist())) == sorted(expected)
+    assert edge_index.size(1) == 2 * (height * (width - 1) + (height - 1) * width + 2 * (height - 1) * (width - 1))
+
+
+def test_edge_index_out_of_range_is_a_one_line_error():
+    with pytest.raises(ValueError, match="12 nodes") as excinfo:
+        prepare_edges(torch.tensor([[0, 12], [1, 2]]), 12)
+    assert "\n" not in str(excinfo.value)
+
+
+def test_tiny_gcn_fits_a_toy_graph_task():
+    """Two communities, features pure noise: only the edges tell the classes apart, so fitting needs messages."""
+    torch.manual_seed(7)
+    labels = torch.arange(40) % 2
+    pairs = torch.randint(0, 40, (2, 400))
+    pairs = pairs[:, labels[pairs[0]] == labels[pairs[1]]]                      # edges inside a community only
+    edge_index = prepare_edges(torch.cat([pairs, pairs.flip(0)], 1), 40)
+    x = torch.randn(40, 4)
+    x[:2] += torch.tensor([[3.0, 0, 0, 0], [0, 3.0, 0, 0]])                     # two seed nodes carry the signal
+    net = NodeClassifier("gcn", 4, 16, 2, dropout=0.0)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.05)
+    for _ in range(100):
+        loss = torch.nn.functional.cross_entropy(net(x, edge_index), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert (net(x, edge_index).argmax(1) == labels).float().mean() == 1.0
+
+
+# -----------------------------------------------------------------------------
+# Data: fake Planetoid files and a fake MNIST in torchvision's raw layout
+
+
+def write_fake_planetoid(root, name="cora", num_classes=3, features=20, num_nodes=660, seed=0):
+    """A Planetoid-format graph: 2 communities-per-class, 10 labelled nodes per class, 500 val, 100 test nodes
+    whose ids in ind.<name>.test.index are shuffled (as in the real files). Returns (features, labels) per node."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_classes, num_nodes)
+    labels[:30] = np.arange(30) % num_classes
+    x = rng.random((num_nodes, features)) * 0.5
+    x[np.arange(num_nodes), labels] += 2.0
+    graph = {i: [] for i in range(num_nodes)}
+    for _ in range(4 * num_nodes):
+        i, j = rng.integers(0, num_nodes, 2)
+        if labels[i] == labels[j]:
+            graph[i].append(j)
+            graph[j].append(i)
+    onehot = np.eye(num_classes)[labels]
+    test_index = rng.permutation(np.arange(560, 660))
+    raw = Path(root) / train.CITATION[name] / "raw"
+    raw.mkdir(parents=True)
+    parts = {"x": sp.csr_matrix(x[:30]), "y": onehot[:30], "allx": sp.csr_matrix(x[:560]), "ally": onehot[:560],
+             "tx": sp.csr_matrix(x[test_index]), "ty": onehot[test_index], "graph": graph}
+    for part, obj in parts.items():
+        with open(raw / f"ind.{name}.{part}", "wb") as f:
+            pickle.dump(obj, f)
+    (raw / f"ind.{name}.test.index").write_text("\n".join(map(str, test_index)))
+    return x, labels
+
+
+def write_fake_mnist(root, folder="MNIST", train_size=48, test_size=16, size=8, seed=0):
+    """Idx files in torchvision's raw layout; digit k is a bright horizontal bar in row k (learnable)."""
+    rng = np.random.default_rng(seed)
+    raw = Path(root) / folder / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n in [("train", train_size), ("t10k", test_size)]:
+        labels = rng.integers(0, 4, n).astype(np.uint8)
+        images = (rng.random((n, size, size)) * 40).astype(np.uint8)
+        images[np.arange(n), labels * 2] = 250
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            np.array([2051, n, size, size], dtype=">i4").tobytes() + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(np.array([2049, n], dtype=">i4").tobytes() + labels.tobytes())
+
+
+def test_planetoid_loader_puts_test_rows_back_in_place(tmp_path):
+    x, labels = write_fake_planetoid(tmp_path)
+    data = train.load_planetoid(tmp_path, "cora")
+    torch.testing.assert_close(data["x"].to_dense(), torch.tensor(x / x.sum(1, keepdims=True), dtype=torch.float32))
+    assert data["y"].tolist() == labels.tolist()
+    assert (len(data["train"]), len(data["val"]), len(data["test"])) == (30, 500, 100)
+
+
+@pytest.mark.parametrize("task,nodes,features,edges,split,class_counts", [
+    ("cora", 2708, 1433, 10556, (140, 500, 1000), [351, 217, 418, 818, 426, 298, 180]),
+    ("citeseer", 3327, 3703, 9104, (120, 500, 1000), [264, 590, 668, 701, 596, 508]),
+])
+def test_planetoid_loader_reproduces_the_standard_split(task, nodes, features, edges, split, class_counts):
+    if not (DATA_DIR / train.CITATION[task] / "raw" / f"ind.{task}.graph").exists():
+        pytest.skip(f"{train.CITATION[task]} Planetoid files are not in DATA_DIR={DATA_DIR}")
+    data = train.load_planetoid(DATA_DIR, task)
+    assert tuple(data["x"].shape) == (nodes, features)
+    assert data["edge_index"].size(1) == edges + nodes  # undirected edges both ways, plus self-loops
+    assert (len(data["train"]), len(data["val"]), len(data["test"])) == split
+    assert torch.bincount(data["y"][data["train"]]).tolist() == [20] * len(class_counts)  # 20 labels per class
+    assert torch.bincount(data["y"]).tolist() == class_counts
+
+
+def test_missing_planetoid_files_offline_exit_and_leave_nothing(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(urllib.request, "urlretrieve", offline)
+    with pytest.raises(SystemExit) as excinfo:
+        train.load_planetoid(tmp_path / "data", "cora")
+    assert str(excinfo.value).startswith("error: Cora not found") and "--data-dir" in str(excinfo.value)
+    assert not (tmp_path / "data").exists()
+
+
+# -----------------------------------------------------------------------------
+# End to end: training, seeds, checkpoints, resume, sample.py
+
+
+def test_citation_training_learns_and_same_seed_gives_same_run(tmp_path, capsys):
+    write_fake_planetoid(tmp_path / "data")
+    runs = []
+    for name in ["a", "b"]:
+        train.main(["--task", "cora", "--model", "gat", "--epochs", "15", "--heads", "2",
+                    "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / name)])
+        runs.append(torch.load(tmp_path / name / "ckpt.pt", weights_only=True))
+    history = runs[0]["train_state"]["history"]
+    assert history[-2]["train_loss"] < history[0]["train_loss"]
+    without_time = [[{k: v for k, v in row.items() if k != "seconds"} for row in run["train_state"]["history"]]
+                    for run in runs]
+    assert without_time[0] == without_time[1]
+    assert runs[0]["test_acc"] > 0.9
+    # sample.py rebuilds the model from the checkpoint alone and gets the same test accuracy
+    capsys.readouterr()
+    sample.main([str(tmp_path / "a" / "ckpt.pt"), "--eval", "--data-dir", str(tmp_path / "data")])
+    assert f"test accuracy {runs[0]['test_acc']:.4f}" in capsys.readouterr().out
+
+
+def test_citation_resume_continues_exactly(tmp_path):
+    write_fake_planetoid(tmp_path / "data")
+    common = ["--task", "cora", "--patience", "1000", "--data-dir", str(tmp_path / "data")]
+    train.main([*common, "--epochs", "8", "--out-dir", str(tmp_path / "full")])
+    train.main([*common, "--epochs", "4", "--out-dir", str(tmp_path / "half")])
+    train.main([*common, "--epochs", "8", "--out-dir", str(tmp_path / "half"), "--resume", str(tmp_path / "half" / "ckpt.pt")])
+    full, half = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ["full", "half"])
+    for key in full["model"]:
+        assert torch.equal(full["model"][key], half["model"][key]), key
+    assert full["test_acc"] == half["test_acc"]
+
+
+def test_image_graph_training_learns_resumes_exactly_and_draws(tmp_path, capsys):
+    data = tmp_path / "data"
+    write_fake_mnist(data, "FashionMNIST")
+    common = ["--task", "fashion-mnist", "--model", "gat", "--batch-size", "16", "--lr", "0.01", "--hidden", "16",
+              "--layers", "2", "--log-every", "1", "--data-dir", str(data)]
+    train.main([*common, "--epochs", "4", "--out-dir", str(tmp_path / "full")])
+    train.main([*common, "--epochs", "2", "--out-dir", str(tmp_path / "half")])
+    train.main([*common, "--epochs", "4", "--out-dir", str(tmp_path / "half"), "--resume", str(tmp_path / "half" / "ckpt.pt")])
+    full, half = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ["full", "half"])
+    for key in full["model"]:
+        assert torch.equal(full["model"][key], half["model"][key]), key
+    losses = [r["train_loss"] for r in full["train_state"]["history"] if r["train_loss"] != ""]
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
+    assert (tmp_path / "full" / "metrics.csv").read_text().count("\n") == len(full["train_state"]["history"]) + 1
+
+    capsys.readouterr()
+    sample.main([str(tmp_path / "full" / "ckpt.pt"), str(tmp_path / "half" / "ckpt.pt"), "--eval", "--attention",
+                 "--training", "--data-dir", str(data), "--images-dir", str(tmp_path / "images")])
+    assert f"test accuracy {full['test_acc']:.4f}" in capsys.readouterr().out
+    for picture in ["gnns_attention.png", "gnns_training.png"]:
+        assert (tmp_path / "images" / picture).stat().st_size > 1000
+
+
+def test_mnist_loader_offline_exit_leaves_nothing(tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(self):
+        (Path(self.raw_folder)).mkdir(parents=True, exist_ok=True)
+        (Path(self.raw_folder) / "train-images-idx3-ubyte.gz").write_bytes(b"partial")
+        raise RuntimeError("network unreachable")
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", offline)
+    with pytest.raises(SystemExit) as excinfo:
+        train.load_images(tmp_path / "data", "mnist", train=True)
+    assert str(excinfo.value).startswith("error: MNIST not found") and not (tmp_path / "data").exists()
+
+
+# -----------------------------------------------------------------------------
+# Errors a user can cause: one line, non-zero exit, no traceback
+
+
+def test_checkpoint_errors_are_one_line(tmp_path):
+    (tmp_path / "truncated.pt").write_bytes(b"PK\x03\x04 not a whole zip")
+    torch.save({"folder": "gpt"}, tmp_path / "other.pt")
+    for path, message in [(tmp_path / "missing.pt", "does not exist"), (tmp_path / "truncated.pt", "truncated or corrupt"),
+                          (tmp_path / "other.pt", "not written by gnns/")]:
+        with pytest.raises(SystemExit) as excinfo:
+            train.load_checkpoint(str(path))
+        assert message in str(excinfo.value) and "\n" not in str(excinfo.value)
+
+
+def test_bad_flags_are_parser_errors(capsys):
+    for argv in [["--dropout", "1.5"], ["--epochs", "0"], ["--task", "mnist", "--model", "gat", "--hidden", "10"],
+                 ["--runs", "2", "--resume", "x.pt"]]:
+        with pytest.raises(SystemExit) as excinfo:
+            train.get_args(argv)
+        assert excinfo.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_scripts_fail_with_one_line_for_a_bad_graph_and_a_foreign_checkpoint(tmp_path):
+    write_fake_planetoid(tmp_path / "data")
+    graph_path = tmp_path / "data" / "Cora" / "raw" / "ind.cora.graph"
+    with open(graph_path, "wb") as f:
+        pickle.dump({0: [1, 10 ** 6], 1: [0]}, f)   # an edge to a node that does not exist
+    torch.save({"folder": "vit", "model": {}}, tmp_path / "vit.pt")
+    for script, args, message in [
+            ("train.py", ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run")], "out of range"),
+            ("sample.py", [str(tmp_path / "vit.pt"), "--eval"], "not written by gnns/")]:
+        result = subprocess.run([sys.executable, script, *args], cwd=HERE, capture_output=True, text=True)
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert message in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
+    assert not (tmp_path / "run").exists()
