@@ -55,7 +55,7 @@ def plot_confusion(predictions, path):
     for ax, (part, (pred, labels)) in zip(axes[0], predictions.items()):
         matrix = torch.zeros(10, 10, dtype=torch.long)
         matrix.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)  # rows: truth
-        ax.imshow(matrix / matrix.sum(1, keepdim=True).clamp(min=1), cmap="Blues", vmin=0, vmax=1)
+        ax.imshow((matrix / matrix.sum(1, keepdim=True).clamp(min=1)).numpy(), cmap="Blues", vmin=0, vmax=1)
         for i in range(10):
             for j in range(10):
                 if matrix[i, j]:
@@ -80,7 +80,7 @@ def plot_search(query, images, scores, labels, class_names, path):
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, score, label in zip(axes.flat, images, scores, labels):
-        ax.imshow(image, cmap="gray")
+        ax.imshow(image.numpy(), cmap="gray")
         ax.set_title(f"{class_names[label]} {score:.2f}", fontsize=7)
     fig.suptitle(f"query: {query!r}", fontsize=10)
     fig.tight_layout()

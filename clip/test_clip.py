@@ -118,6 +118,14 @@ def test_heldout_templates_never_appear_in_training_captions():
         assert not train_captions & heldout
 
 
+def test_no_template_hides_a_class_name_outside_its_slot():
+    """A character-level model reads "someone" as containing "one": templates must not do that."""
+    for part in ["mnist", "fashion_mnist"]:
+        for template in train.TEMPLATES[part]["train"] + train.TEMPLATES[part]["heldout"]:
+            words = template.replace("{name}", " ").replace("{a}", " ")
+            assert not [n for names in train.CLASS_NAMES[part] for n in names if n in words], template
+
+
 def test_caption_sampler_draws_training_captions_of_each_label():
     tokenizer = CharTokenizer()
     sampler = train.CaptionSampler(tokenizer, ["mnist", "fashion_mnist"])
