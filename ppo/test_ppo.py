@@ -1,0 +1,261 @@
+"""PPO's claims, each checked against an independent reference: a plain loop, hand-computed values,
+torch.distributions, gymnasium itself. Runs in well under 30 s on a 2-core CPU."""
+import math
+import os
+import subprocess
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import sample
+import train
+from model import Agent, categorical_log_prob_entropy, gae, gaussian_log_prob_entropy, ppo_loss
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FAST = ["--total-steps", "512", "--num-envs", "4", "--num-steps", "64", "--update-epochs", "2",
+        "--eval-episodes", "0", "--plot", ""]
+
+
+def run_train(tmp_path, *flags):
+    return train.main(FAST + ["--out-dir", str(tmp_path)] + list(flags))
+
+
+def gae_reference(rewards, values, next_value, terminations, dones, gamma, lam):
+    """Eq. 11 written as the paper writes it: a forward sum of discounted TD errors up to the episode's end."""
+    T, N = len(rewards), len(rewards[0])
+    adv = [[0.0] * N for _ in range(T)]
+    for n in range(N):
+        for t in range(T):
+            total, k = 0.0, t
+            while True:
+                v_next = values[k + 1][n] if k + 1 < T else next_value[n]
+                delta = rewards[k][n] + (0.0 if terminations[k][n] else gamma * v_next) - values[k][n]
+                total += (gamma * lam) ** (k - t) * delta
+                if dones[k][n] or k + 1 == T:
+                    break
+                k += 1
+            adv[t][n] = total
+    return adv
+
+
+def test_gae_matches_python_loop_with_terminations_and_truncations():
+    g = torch.Generator().manual_seed(0)
+    T, N = 9, 3
+    rewards, values, next_value = torch.rand(T, N, generator=g), torch.randn(T, N, generator=g), torch.randn(N, generator=g)
+    terminations, truncations = torch.zeros(T, N), torch.zeros(T, N)
+    terminations[2, 0] = terminations[7, 1] = 1  # terminal states: no bootstrap
+    truncations[4, 0] = truncations[3, 2] = truncations[8, 2] = 1  # time limits: bootstrap from the final state
+    dones = torch.maximum(terminations, truncations)
+    advantages, returns = gae(rewards, values, next_value, terminations, dones, gamma=0.9, gae_lambda=0.7)
+    expected = gae_reference(rewards.tolist(), values.tolist(), next_value.tolist(), terminations.tolist(),
+                             dones.tolist(), 0.9, 0.7)
+    torch.testing.assert_close(advantages, torch.tensor(expected))
+    torch.testing.assert_close(returns, advantages + values)
+
+
+def test_gae_bootstraps_truncation_but_not_termination_by_hand():
+    # one environment, 3 steps: a truncated episode (step 0), its autoreset step (1), a terminated step (2).
+    rewards, values = torch.tensor([[1.0], [0.0], [1.0]]), torch.tensor([[0.5], [2.0], [0.25]])
+    terminations, dones = torch.tensor([[0.0], [0.0], [1.0]]), torch.tensor([[1.0], [0.0], [1.0]])
+    adv, _ = gae(rewards, values, torch.tensor([9.0]), terminations, dones, gamma=0.5, gae_lambda=1.0)
+    assert adv[0, 0].item() == pytest.approx(1.0 + 0.5 * 2.0 - 0.5)  # r + gamma V(s_final) - V(s), s_final = obs[1]
+    assert adv[2, 0].item() == pytest.approx(1.0 - 0.25)  # terminal: r - V(s); next_value 9 is never used
+
+
+def test_autoreset_step_is_marked_invalid_in_a_real_rollout():
+    envs = gym.make_vec("CartPole-v1", num_envs=4, vectorization_mode="sync")
+    obs, _ = envs.reset(seed=0)
+    torch.manual_seed(0)
+    agent = Agent(4, 2, continuous=False)
+    state = {"obs": obs, "prev_done": np.zeros(4, dtype=bool), "episode_return": np.zeros(4),
+             "episode_length": np.zeros(4, dtype=np.int64)}
+    b, episodes = train.rollout(envs, agent, state, num_steps=100, reward_scale=1.0, device="cpu")
+    dones, valid = b["dones"].numpy(), b["valid"].numpy()
+    assert dones.sum() >= 8, "a random policy ends CartPole episodes within ~20 steps"
+    np.testing.assert_array_equal(valid[1:], 1 - dones[:-1])  # exactly the step after each episode end
+    after = np.argwhere(dones[:-1] == 1)
+    assert (b["rewards"].numpy()[after[:, 0] + 1, after[:, 1]] == 0).all()  # gymnasium's reset step: reward 0
+    # the observation stored at the reset step is the episode's true final state (next-step autoreset):
+    final_obs = b["obs"].numpy()[after[:, 0] + 1, after[:, 1]]
+    terminated = b["terminations"].numpy()[after[:, 0], after[:, 1]] == 1
+    assert ((np.abs(final_obs[terminated, 0]) > 2.4) | (np.abs(final_obs[terminated, 2]) > 0.2095)).all()
+    # every reward-1 step is counted once in the logged episodes (CartPole pays 1 per step)
+    assert all(r == n for r, n in episodes) and len(episodes) == dones.sum()
+    assert sum(n for _, n in episodes) + state["episode_length"].sum() == valid.sum()
+    envs.close()
+
+
+def fake_rollout(seed=0, T=16, N=3):
+    g = torch.Generator().manual_seed(seed)
+    dones = (torch.rand(T, N, generator=g) < 0.15).float()
+    valid = torch.ones(T, N)
+    valid[1:] = 1 - dones[:-1]
+    return {"obs": torch.randn(T, N, 4, generator=g), "actions": torch.randint(0, 2, (T, N), generator=g).float(),
+            "log_probs": torch.full((T, N), math.log(0.5)), "values": torch.randn(T, N, generator=g),
+            "rewards": torch.rand(T, N, generator=g), "terminations": dones, "dones": dones, "valid": valid,
+            "next_value": torch.randn(N, generator=g)}
+
+
+def update_result(b):
+    torch.manual_seed(0)
+    agent = Agent(4, 2, continuous=False)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-2)
+    args = train.parse_args(["--update-epochs", "3", "--num-minibatches", "2"])
+    train.ppo_update(agent, optimizer, b, args)
+    return torch.cat([p.flatten() for p in agent.parameters()])
+
+
+def test_autoreset_step_does_not_change_the_update():
+    b = fake_rollout()
+    boundary = b["valid"] == 0
+    assert boundary.any()
+    perturbed = {k: v.clone() for k, v in b.items()}
+    perturbed["actions"][boundary] = 1 - perturbed["actions"][boundary]  # the ignored action
+    perturbed["rewards"][boundary] += 100.0  # gymnasium pays 0 there, but whatever it is must not matter
+    perturbed["log_probs"][boundary] = -5.0
+    torch.testing.assert_close(update_result(b), update_result(perturbed), rtol=0, atol=0)
+    control = {k: v.clone() for k, v in b.items()}
+    control["rewards"][~boundary] += 1.0 * torch.arange((~boundary).sum())  # a real step does matter
+    assert not torch.equal(update_result(b), update_result(control))
+
+
+def test_clipped_objective_matches_hand_computed_values():
+    ratio = torch.tensor([0.5, 1.0, 1.5, 0.5, 1.5])
+    advantages = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0])
+    new_log_prob = ratio.log().requires_grad_()
+    zeros = torch.zeros(5)
+    loss, stats = ppo_loss(new_log_prob, zeros, advantages, zeros, zeros, zeros, zeros, clip_coef=0.2,
+                           vf_coef=0.0, ent_coef=0.0)
+    # min(r A, clip(r, 0.8, 1.2) A) = [0.5, 1.0, 1.2, -0.8, -1.5] -> mean 0.08, Eq. 7
+    assert stats["policy_loss"] == pytest.approx(-0.08)
+    assert stats["clip_frac"] == pytest.approx(0.8)
+    loss.backward()
+    # the clipped branch is active for r=1.5, A>0 and r=0.5, A<0: no gradient there (no incentive to move r further)
+    grad = new_log_prob.grad
+    assert grad[2] == 0 and grad[3] == 0
+    torch.testing.assert_close(grad[[0, 1, 4]], -torch.tensor([0.5, 1.0, -1.5]) / 5)  # d(-r A / 5)/d log r
+
+
+def test_value_loss_and_entropy_terms_by_hand():
+    new_value, old_value, returns = torch.tensor([1.0, 3.0]), torch.tensor([0.0, 2.9]), torch.tensor([2.0, 2.0])
+    zeros, entropy = torch.zeros(2), torch.tensor([0.5, 0.7])
+    _, stats = ppo_loss(zeros, zeros, zeros, new_value, old_value, returns, entropy, clip_coef=0.2)
+    assert stats["value_loss"] == pytest.approx(0.5 * (1.0 + 1.0) / 2)
+    loss, stats = ppo_loss(zeros, zeros, zeros, new_value, old_value, returns, entropy, clip_coef=0.2,
+                           vf_coef=0.5, ent_coef=0.1, clip_vloss=True)
+    # clipped: V0 -> 0.2 (error 1.8^2 = 3.24 > 1), V1 = 3.0 within 0.2 of 2.9 -> max(1, 1) = 1
+    assert stats["value_loss"] == pytest.approx(0.5 * (3.24 + 1.0) / 2)
+    assert loss.item() == pytest.approx(0.5 * stats["value_loss"] - 0.1 * 0.6)
+
+
+def test_log_probs_and_entropies_match_torch_distributions():
+    g = torch.Generator().manual_seed(0)
+    logits, actions = torch.randn(64, 5, generator=g) * 3, torch.randint(0, 5, (64,), generator=g)
+    log_prob, entropy = categorical_log_prob_entropy(logits, actions)
+    reference = torch.distributions.Categorical(logits=logits)
+    torch.testing.assert_close(log_prob, reference.log_prob(actions))
+    torch.testing.assert_close(entropy, reference.entropy())
+    mean, log_std, actions = torch.randn(64, 3, generator=g), torch.randn(3, generator=g), torch.randn(64, 3, generator=g)
+    log_prob, entropy = gaussian_log_prob_entropy(mean, log_std, actions)
+    reference = torch.distributions.Normal(mean, log_std.exp())
+    torch.testing.assert_close(log_prob, reference.log_prob(actions).sum(-1))
+    torch.testing.assert_close(entropy, reference.entropy().sum(-1))
+
+
+def test_agent_samples_follow_its_own_log_probs():
+    torch.manual_seed(0)
+    agent = Agent(3, 2, continuous=True, init_log_std=-1.0)
+    obs = torch.randn(1, 3).expand(20000, 3)
+    with torch.no_grad():
+        action, log_prob, _, _ = agent.get_action_and_value(obs)
+        mode = agent.get_action_and_value(obs[:1], deterministic=True)[0]
+    torch.testing.assert_close(action.mean(0), mode[0], atol=0.01, rtol=0)
+    torch.testing.assert_close(action.std(0), torch.full((2,), math.exp(-1.0)), atol=0.01, rtol=0)
+    reference = torch.distributions.Normal(mode, math.exp(-1.0)).log_prob(action).sum(-1)
+    torch.testing.assert_close(log_prob, reference)
+
+
+def test_running_observation_statistics_match_numpy():
+    agent = Agent(2, 1, continuous=True, norm_obs=True)
+    batches = [torch.randn(n, 2) * 3 + 1 for n in (5, 17, 1, 40)]
+    for batch in batches:
+        agent.update_obs_stats(batch)
+    everything = torch.cat(batches).numpy()
+    np.testing.assert_allclose(agent.obs_mean.numpy(), everything.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(agent.obs_var.numpy(), everything.var(0), rtol=1e-4)
+    normalized = agent.normalize(torch.as_tensor(everything)).numpy()
+    np.testing.assert_allclose(normalized.mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(normalized.std(0), 1, atol=1e-4)
+
+
+def test_training_beats_a_random_policy(tmp_path):
+    plot = tmp_path / "curve.png"
+    _, returns = train.main(["--total-steps", "10240", "--eval-episodes", "20", "--out-dir", str(tmp_path),
+                             "--plot", str(plot), "--seed", "1"])  # 40 iterations of the default config
+    random_policy_return = 22.0  # CartPole-v1 with uniform random actions
+    assert returns.mean() > 3 * random_policy_return
+    episodes = (tmp_path / "episodes.csv").read_text().splitlines()
+    assert len(episodes) > 50, "episodic returns must be logged under gymnasium 1.x"
+    assert plot.stat().st_size > 1000
+
+
+def test_same_seed_same_run(tmp_path):
+    a, _ = run_train(tmp_path / "a", "--seed", "3")
+    b, _ = run_train(tmp_path / "b", "--seed", "3")
+    c, _ = run_train(tmp_path / "c", "--seed", "4")
+    for (name, x), y, z in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+        assert torch.equal(x, y), name
+    assert not torch.equal(a.actor[0].weight, c.actor[0].weight)
+
+
+def test_resume_continues_exactly(tmp_path):
+    flags = ["--no-anneal-lr", "--num-steps", "24"]  # 24 steps: episodes are in flight at each checkpoint
+    straight, _ = run_train(tmp_path / "straight", *flags, "--total-steps", str(4 * 4 * 24))
+    run_train(tmp_path / "split", *flags, "--total-steps", str(2 * 4 * 24))
+    resumed, _ = train.main(["--resume", str(tmp_path / "split" / "ckpt.pt"), "--total-steps", str(4 * 4 * 24),
+                             "--out-dir", str(tmp_path / "split"), "--plot", "", "--eval-episodes", "0"])
+    for (name, x), y in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
+    rows = (tmp_path / "split" / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4  # header, then one row per iteration across both runs
+
+
+def test_checkpoint_then_sample_on_continuous_env(tmp_path):
+    run_train(tmp_path, "--env-id", "Pendulum-v1", "--norm-obs", "--init-log-std", "-0.5")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["folder"] == "ppo" and ckpt["step"] == 512 and ckpt["model_args"]["continuous"]
+    assert ckpt["model"]["obs_count"].item() == 512  # observation statistics travel with the model
+    gif = tmp_path / "episode.gif"
+    returns = sample.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--episodes", "3", "--gif", str(gif)])
+    assert returns.shape == (3,) and (returns < 0).all()  # Pendulum's rewards are costs
+    assert 0 < gif.stat().st_size < 500_000
+
+
+def test_user_errors_are_one_line(tmp_path, capsys):
+    cases = [(train.main, ["--env-id", "NoSuchEnv-v0"], "unknown --env-id"),
+             (train.main, ["--init-log-std", "-1"], "continuous actions"),
+             (train.main, ["--num-envs", "0"], "--num-envs must be at least 1"),
+             (sample.main, ["--checkpoint", str(tmp_path / "missing.pt")], "does not exist")]
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    torch.save({"folder": "gpt", "model": {}}, tmp_path / "gpt.pt")
+    cases += [(sample.main, ["--checkpoint", str(tmp_path / "corrupt.pt")], "truncated or corrupt"),
+              (sample.main, ["--checkpoint", str(tmp_path / "gpt.pt")], "not a ppo/ checkpoint"),
+              (train.main, ["--resume", str(tmp_path / "gpt.pt"), "--out-dir", str(tmp_path / "r")], "not a ppo/")]
+    for main, argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        text = str(exit_info.value.code) if exit_info.value.code != 2 else capsys.readouterr().err.strip().splitlines()[-1]
+        assert exit_info.value.code != 0 and message in text, (argv, text)
+        assert "\n" not in text
+    assert not (tmp_path / "r").exists(), "a failed resume must leave nothing behind"
+
+
+def test_command_line_errors_have_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "--env-id", "CartPole-v0x", "--out-dir", str(tmp_path)],
+                            cwd=HERE, capture_output=True, text=True)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "unknown --env-id" in result.stderr.strip().splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []
