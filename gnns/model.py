@@ -93,8 +93,9 @@ class GCNConv(nn.Module):
         h = x @ self.weight                                                 # (N, out), H W
         degree = h.new_zeros(num_nodes).index_add_(0, dst, h.new_ones(dst.numel()))  # D~_ii = sum_j (A+I)_ij
         inv_sqrt_degree = degree.pow(-0.5)
-        norm = inv_sqrt_degree[src] * inv_sqrt_degree[dst]                  # (E,), A^_ij for the edge j -> i
-        out = h.new_zeros(num_nodes, h.size(1)).index_add_(0, dst, norm.unsqueeze(1) * h[src])
+        norm = inv_sqrt_degree.index_select(0, src) * inv_sqrt_degree.index_select(0, dst)  # (E,), A^_ij of j -> i
+        messages = norm.unsqueeze(1) * h.index_select(0, src)             # (E, out), psi(x_j) = A^_ij W h_j
+        out = h.new_zeros(num_nodes, h.size(1)).index_add_(0, dst, messages)  # sum over j in N(i)
         return out if self.bias is None else out + self.bias
 
     def forward_dense(self, x, adj):
@@ -133,12 +134,13 @@ class GATConv(nn.Module):
         h = (x @ self.weight).view(num_nodes, self.heads, self.out_features)  # (N, H, F), W h
         score_src = (h * self.att_src).sum(-1)                                 # (N, H)
         score_dst = (h * self.att_dst).sum(-1)                                 # (N, H)
-        logits = F.leaky_relu(score_src[src] + score_dst[dst], self.negative_slope)  # (E, H), Eq. 3
+        logits = F.leaky_relu(score_src.index_select(0, src) + score_dst.index_select(0, dst),
+                              self.negative_slope)                                    # (E, H), Eq. 3
         alpha = scatter_softmax(logits, dst, num_nodes)                        # (E, H), Eq. 2
         attention = alpha
         alpha = F.dropout(alpha, self.dropout, self.training)                 # dropout on alpha, Sec. 3.3
         out = h.new_zeros(num_nodes, self.heads, self.out_features)
-        out.index_add_(0, dst, alpha.unsqueeze(-1) * h[src])                  # (N, H, F), Eq. 4
+        out.index_add_(0, dst, alpha.unsqueeze(-1) * h.index_select(0, src))  # (N, H, F), Eq. 4
         out = out.reshape(num_nodes, -1) if self.concat else out.mean(1)     # Eq. 5 (concat) / Eq. 6 (mean)
         if self.bias is not None:
             out = out + self.bias

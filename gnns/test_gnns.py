@@ -12,6 +12,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+import gnns_benchmark
 import model
 import sample
 import train
@@ -330,6 +331,14 @@ def test_image_graph_training_learns_resumes_exactly_and_draws(tmp_path, capsys)
     assert f"test accuracy {full['test_acc']:.4f}" in capsys.readouterr().out
     for picture in ["gnns_attention.png", "gnns_training.png"]:
         assert (tmp_path / "images" / picture).stat().st_size > 1000
+
+
+def test_benchmark_times_sparse_and_dense_steps(tmp_path, capsys):
+    write_fake_mnist(tmp_path, train_size=8, test_size=2)
+    gnns_benchmark.main(["--batch-size", "2", "--batches", "1", "--hidden", "8", "--layers", "1", "--heads", "2",
+                         "--impls", "sparse", "dense", "--data-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "gcn: dense / sparse time per step" in out and "gat: dense / sparse time per step" in out
 
 
 def test_mnist_loader_offline_exit_leaves_nothing(tmp_path, monkeypatch):

@@ -70,6 +70,8 @@ def get_args(argv=None):
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (images; 0: off)")
     p.add_argument("--max-minutes", type=float, default=0.0, help="images: stop training after this many minutes, "
                                                                   "evaluate and save (0: no limit)")
+    p.add_argument("--test-images", type=int, default=0, help="images: evaluate on the first N test images only "
+                                                              "(0: all; a CPU shortcut, say so when you report it)")
     p.add_argument("--log-every", type=int, default=50, help="images: log the training loss every N steps")
     p.add_argument("--seed", type=int, default=0, help="seeds Python, NumPy and torch")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run")
@@ -90,6 +92,8 @@ def get_args(argv=None):
     for name in ["epochs", "hidden", "heads", "out_heads", "layers", "runs", "batch_size", "log_every"]:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.test_images < 0:
+        p.error("--test-images must be >= 0 (0: all)")
     for name in ["dropout", "attention_dropout"]:
         if not 0 <= getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be in [0, 1)")
@@ -406,6 +410,8 @@ def train_images(args, device, out_dir, wandb_run):
     seed_everything(args.seed)
     train_x, train_y = load_images(args.data_dir, args.task, train=True)
     test_x, test_y = load_images(args.data_dir, args.task, train=False)
+    if args.test_images:
+        test_x, test_y = test_x[:args.test_images], test_y[:args.test_images]
     height, width = train_x.shape[1:]
     edge_index = prepare_edges(grid_graph(height, width), height * width)  # one image's graph, self-loops added
     model_args = dict(kind="graph", model=args.model, in_features=3, hidden=args.hidden, num_classes=10,
