@@ -12,8 +12,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model import dense_adjacency
-from train import block_diagonal, build_model, grid_graph, load_images, pixel_features, prepare_edges
+from gnns_data import block_diagonal, grid_graph, load_images, pixel_features
+from model import dense_adjacency, prepare_edges
+from train import build_model
 
 
 def get_args(argv=None):

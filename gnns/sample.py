@@ -16,8 +16,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 
-from train import (CITATION, build_model, evaluate_images, grid_graph, load_checkpoint, load_images,  # noqa: E402
-                   load_planetoid, pick_device, pixel_features, prepare_edges)
+from gnns_data import CITATION, grid_graph, load_images, load_planetoid, pixel_features  # noqa: E402
+from model import prepare_edges  # noqa: E402
+from train import build_model, evaluate_images, load_checkpoint, pick_device  # noqa: E402
 
 IMAGES_DIR = Path(__file__).resolve().parent.parent / "images"
 

@@ -13,6 +13,7 @@ import scipy.sparse as sp
 import torch
 
 import gnns_benchmark
+import gnns_data
 import model
 import sample
 import train
@@ -152,10 +153,10 @@ def test_global_pool_equals_per_graph_reduction():
 
 def test_block_diagonal_batch_equals_dense_batched_reference():
     torch.manual_seed(6)
-    edge_index = prepare_edges(train.grid_graph(4, 5), 20)
+    edge_index = prepare_edges(gnns_data.grid_graph(4, 5), 20)
     images = torch.randint(0, 256, (3, 4, 5), dtype=torch.uint8)
-    x = train.pixel_features(images)                                            # (3, 20, 3)
-    edges, batch = train.block_diagonal(edge_index, 20, 3)
+    x = gnns_data.pixel_features(images)                                            # (3, 20, 3)
+    edges, batch = gnns_data.block_diagonal(edge_index, 20, 3)
     for kind in ["gcn", "gat"]:
         net = GraphClassifier(kind, 3, 8, 10, layers=2, heads=2).eval()
         adj = model.dense_adjacency(edge_index, 20).expand(3, 20, 20)
@@ -164,7 +165,7 @@ def test_block_diagonal_batch_equals_dense_batched_reference():
 
 @pytest.mark.parametrize("height,width", [(1, 1), (1, 4), (3, 3), (28, 28), (5, 7)])
 def test_grid_graph_has_the_8_neighbour_edge_count(height, width):
-    edge_index = train.grid_graph(height, width)
+    edge_index = gnns_data.grid_graph(height, width)
     expected = {(y1 * width + x1, y2 * width + x2)
                 for y1 in range(height) for x1 in range(width) for y2 in range(height) for x2 in range(width)
                 if (y1, x1) != (y2, x2) and abs(y1 - y2) <= 1 and abs(x1 - x2) <= 1}
@@ -217,7 +218,7 @@ def write_fake_planetoid(root, name="cora", num_classes=3, features=20, num_node
             graph[j].append(i)
     onehot = np.eye(num_classes)[labels]
     test_index = rng.permutation(np.arange(560, 660))
-    raw = Path(root) / train.CITATION[name] / "raw"
+    raw = Path(root) / gnns_data.CITATION[name] / "raw"
     raw.mkdir(parents=True)
     parts = {"x": sp.csr_matrix(x[:30]), "y": onehot[:30], "allx": sp.csr_matrix(x[:560]), "ally": onehot[:560],
              "tx": sp.csr_matrix(x[test_index]), "ty": onehot[test_index], "graph": graph}
@@ -244,7 +245,7 @@ def write_fake_mnist(root, folder="MNIST", train_size=48, test_size=16, size=8, 
 
 def test_planetoid_loader_puts_test_rows_back_in_place(tmp_path):
     x, labels = write_fake_planetoid(tmp_path)
-    data = train.load_planetoid(tmp_path, "cora")
+    data = gnns_data.load_planetoid(tmp_path, "cora")
     torch.testing.assert_close(data["x"].to_dense(), torch.tensor(x / x.sum(1, keepdims=True), dtype=torch.float32))
     assert data["y"].tolist() == labels.tolist()
     assert (len(data["train"]), len(data["val"]), len(data["test"])) == (30, 500, 100)
@@ -255,9 +256,9 @@ def test_planetoid_loader_puts_test_rows_back_in_place(tmp_path):
     ("citeseer", 3327, 3703, 9104, (120, 500, 1000), [264, 590, 668, 701, 596, 508]),
 ])
 def test_planetoid_loader_reproduces_the_standard_split(task, nodes, features, edges, split, class_counts):
-    if not (DATA_DIR / train.CITATION[task] / "raw" / f"ind.{task}.graph").exists():
-        pytest.skip(f"{train.CITATION[task]} Planetoid files are not in DATA_DIR={DATA_DIR}")
-    data = train.load_planetoid(DATA_DIR, task)
+    if not (DATA_DIR / gnns_data.CITATION[task] / "raw" / f"ind.{task}.graph").exists():
+        pytest.skip(f"{gnns_data.CITATION[task]} Planetoid files are not in DATA_DIR={DATA_DIR}")
+    data = gnns_data.load_planetoid(DATA_DIR, task)
     assert tuple(data["x"].shape) == (nodes, features)
     assert data["edge_index"].size(1) == edges + nodes  # undirected edges both ways, plus self-loops
     assert (len(data["train"]), len(data["val"]), len(data["test"])) == split
@@ -270,7 +271,7 @@ def test_missing_planetoid_files_offline_exit_and_leave_nothing(tmp_path, monkey
         raise OSError("network unreachable")
     monkeypatch.setattr(urllib.request, "urlretrieve", offline)
     with pytest.raises(SystemExit) as excinfo:
-        train.load_planetoid(tmp_path / "data", "cora")
+        gnns_data.load_planetoid(tmp_path / "data", "cora")
     assert str(excinfo.value).startswith("error: Cora not found") and "--data-dir" in str(excinfo.value)
     assert not (tmp_path / "data").exists()
 
@@ -350,7 +351,7 @@ def test_mnist_loader_offline_exit_leaves_nothing(tmp_path, monkeypatch):
         raise RuntimeError("network unreachable")
     monkeypatch.setattr(torchvision.datasets.MNIST, "download", offline)
     with pytest.raises(SystemExit) as excinfo:
-        train.load_images(tmp_path / "data", "mnist", train=True)
+        gnns_data.load_images(tmp_path / "data", "mnist", train=True)
     assert str(excinfo.value).startswith("error: MNIST not found") and not (tmp_path / "data").exists()
 
 
