@@ -1,0 +1,355 @@
+"""The claims of DDPM, DDIM and classifier-free guidance, each checked against an independent reference."""
+import csv
+import math
+import os
+import pickle
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import model
+import sample
+import train
+from model import Diffusion, UNet, UViT, ema_copy, ema_update
+
+HERE = Path(__file__).resolve().parent
+TINY_UVIT = ["--backbone", "uvit", "--vit-dim", "16", "--vit-depth", "3", "--vit-heads", "2", "--patch-size", "7"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One CPU thread: much faster on a busy machine; restored for the other folders' tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_fake_mnist(root, folder="MNIST", n_train=256, n_test=100):
+    """A fake dataset in torchvision's raw idx layout: class c is a bright bar at row 2 + 2c, plus noise."""
+    raw = Path(root) / folder / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, n in [("train", n_train), ("t10k", n_test)]:
+        labels = np.arange(n, dtype=np.uint8) % 10
+        images = rng.integers(0, 20, (n, 28, 28), dtype=np.uint8)
+        for i, c in enumerate(labels):
+            images[i, 2 + 2 * c: 4 + 2 * c, 4:24] = 255
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
+    return Path(root)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_fake_mnist(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(data_dir, tmp_path_factory):
+    """A tiny U-ViT trained for a few steps on the fake MNIST: what sample.py is tested on."""
+    out = tmp_path_factory.mktemp("run")
+    train.main(["--data-dir", str(data_dir), "--out-dir", str(out), "--steps", "4", "--batch-size", "8",
+                "--sample-every", "0", *TINY_UVIT])
+    return out / "ckpt.pt"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The schedule and the forward process
+
+
+def test_schedules_match_their_definitions():
+    T = 1000
+    linear = Diffusion(T, "linear")
+    assert linear.betas[0].item() == pytest.approx(1e-4) and linear.betas[-1].item() == pytest.approx(0.02)
+    alpha_bar = 1.0
+    for t in range(T):  # brute-force product of (1 - beta_s)
+        alpha_bar *= 1 - linear.betas[t].item()
+        if t in (0, 499, 999):
+            assert linear.alpha_bar[t].item() == pytest.approx(alpha_bar, rel=1e-4)
+    cosine = Diffusion(T, "cosine")
+    f = lambda t: math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2  # Nichol & Dhariwal Eq. 17
+    for t in (0, 300, 900):  # alpha_bar at the paper's t + 1
+        assert cosine.alpha_bar[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-4)
+
+
+def test_q_sample_matches_closed_form_mean_and_variance():
+    torch.manual_seed(0)
+    diffusion = Diffusion(1000, "linear")
+    x0 = torch.tensor([-1.0, -0.2, 0.5, 1.0]).view(1, 4, 1, 1).expand(50_000, 4, 1, 1)
+    for t in (10, 400, 900):
+        alpha_bar = math.prod(1 - b for b in model.linear_beta_schedule(1000)[: t + 1].tolist())
+        x_t = diffusion.q_sample(x0, torch.full((50_000,), t), torch.randn(50_000, 4, 1, 1))
+        torch.testing.assert_close(x_t.mean(0).flatten(), math.sqrt(alpha_bar) * x0[0].flatten(), atol=0.02, rtol=0)
+        torch.testing.assert_close(x_t.var(0).flatten(), torch.full((4,), 1 - alpha_bar), atol=0.02, rtol=0)
+
+
+def test_posterior_matches_gaussian_conditioning():
+    """q(x_{t-1} | x_t, x_0) from Bayes' rule on q(x_{t-1} | x_0) = N(sqrt(a'_{t-1}) x_0, 1 - a'_{t-1}) and
+    q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, beta_t): precision-weighted mean, summed precisions."""
+    diffusion = Diffusion(1000, "cosine")
+    betas = diffusion.betas.double()
+    for t in torch.randint(1, 1000, (5,), generator=torch.Generator().manual_seed(0)).tolist():
+        alpha_bar_prev = torch.prod(1 - betas[:t]).item()
+        beta, alpha = betas[t].item(), 1 - betas[t].item()
+        variance = 1 / (1 / (1 - alpha_bar_prev) + alpha / beta)
+        x0, x_t = torch.tensor([[[[0.3]]]]), torch.tensor([[[[-0.7]]]])
+        mean = variance * (math.sqrt(alpha_bar_prev) * 0.3 / (1 - alpha_bar_prev) + math.sqrt(alpha) * -0.7 / beta)
+        got_mean, got_variance = diffusion.q_posterior(x0, x_t, torch.tensor([t]))
+        assert got_variance.item() == pytest.approx(variance, rel=1e-4)
+        assert got_mean.item() == pytest.approx(mean, rel=1e-4, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The samplers and guidance
+
+
+def test_ddim_with_eta_1_and_every_step_is_the_ddpm_posterior():
+    torch.manual_seed(0)
+    diffusion = Diffusion(1000, "linear")
+    t = torch.arange(1, 1000)
+    sigma, _ = diffusion.ddim_sigma(t, t - 1, eta=1.0)
+    torch.testing.assert_close(sigma.flatten() ** 2, diffusion.posterior_variance[1:], rtol=1e-3, atol=1e-9)  # float32
+    t = torch.randint(1, 1000, (6,))
+    x_t, eps, noise = torch.randn(6, 1, 4, 4), torch.randn(6, 1, 4, 4), torch.randn(6, 1, 4, 4)
+    ddim = diffusion.ddim_step(eps, x_t, t, t - 1, 1.0, noise)
+    torch.testing.assert_close(ddim, diffusion.ddpm_step(eps, x_t, t, noise), rtol=1e-4, atol=1e-4)
+
+
+def test_ddim_with_eta_0_is_deterministic_given_x_T():
+    torch.manual_seed(0)
+    diffusion = Diffusion(100, "linear")
+    net = UViT(1, 28, 7, 16, 3, 2).eval()
+    y, x_T = torch.tensor([1, 7]), torch.randn(2, 1, 28, 28)
+    runs = []
+    for seed in (1, 2):  # different noise z at every step: with eta = 0 it must not matter
+        torch.manual_seed(seed)
+        x, times = x_T, diffusion.timesteps(10).tolist()
+        with torch.no_grad():
+            for t, t_prev in zip(times, times[1:] + [-1]):
+                t_batch = torch.full((2,), t)
+                eps = diffusion.guided_eps(net, x, t_batch, y, 2.0, 10)
+                x = diffusion.ddim_step(eps, x, t_batch, torch.full((2,), t_prev), 0.0, torch.randn_like(x))
+        runs.append(x)
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    assert diffusion.timesteps(10).tolist()[0] == 99 and diffusion.timesteps(10).tolist()[-1] == 0
+    assert diffusion.timesteps(100).tolist() == list(range(99, -1, -1))
+
+
+def test_guidance_is_one_plus_w_cond_minus_w_uncond():
+    torch.manual_seed(0)
+    net = UNet(1, 8, (1, 2), 1, (1,), 0.0, 10).eval()
+    x, t, y = torch.randn(3, 1, 28, 28), torch.tensor([5, 50, 500]), torch.tensor([0, 4, 9])
+    with torch.no_grad():
+        cond, uncond = net(x, t, y), net(x, t, torch.full_like(y, 10))
+        guided = Diffusion.guided_eps(net, x, t, y, 2.5, 10)
+        plain = Diffusion.guided_eps(net, x, t, y, 0.0, 10)
+    torch.testing.assert_close(guided, 3.5 * cond - 2.5 * uncond, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(plain, cond)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The networks and EMA
+
+
+@pytest.mark.parametrize("net, size, channels", [
+    (UNet(1, 8, (1, 2, 2), 1, (2,), 0.0, 10), 28, 1),
+    (UNet(3, 8, (1, 2), 2, (1,), 0.0, 10), 32, 3),
+    (UViT(1, 28, 4, 16, 3, 2, 10), 28, 1),
+    (UViT(3, 32, 4, 16, 3, 2, 10), 32, 3)], ids=["unet-28", "unet-32", "uvit-28", "uvit-32"])
+def test_eps_theta_keeps_shape_and_depends_on_t_and_c(net, size, channels):
+    torch.manual_seed(0)
+    net.eval()
+    x = torch.randn(2, channels, size, size)
+    t, y = torch.tensor([3, 3]), torch.tensor([1, 1])
+    with torch.no_grad():
+        out = net(x, t, y)
+        assert out.shape == x.shape
+        assert not torch.allclose(out, net(x, torch.tensor([700, 700]), y), atol=1e-5)  # depends on t
+        assert not torch.allclose(out, net(x, t, torch.tensor([10, 10])), atol=1e-5)   # depends on c (null class)
+        torch.testing.assert_close(net(x[:1], t[:1], y[:1]), out[:1], rtol=1e-4, atol=1e-5)  # batch items independent
+
+
+def test_ema_update_rule():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = ema_copy(net)
+    before = [p.clone() for p in ema.parameters()]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p))
+    net(torch.randn(4, 3))  # moves the BatchNorm running statistics (buffers are copied, not averaged)
+    ema_update(ema, net, 0.9)
+    for old, new, p in zip(before, ema.parameters(), net.parameters()):
+        torch.testing.assert_close(new, 0.9 * old + 0.1 * p)
+    torch.testing.assert_close(ema[1].running_mean, net[1].running_mean)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training: the loss falls, same seed same run, --resume continues exactly, DDP runs
+
+
+def read_metrics(out):
+    with open(out / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_tiny_model_loss_falls(data_dir, tmp_path):
+    train.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--steps", "60", "--batch-size", "16",
+                "--backbone", "uvit", "--vit-dim", "32", "--vit-depth", "3", "--vit-heads", "2", "--patch-size", "4",
+                "--warmup", "5", "--lr", "3e-3", "--log-every", "15", "--sample-every", "60"])
+    losses = [float(row["loss"]) for row in read_metrics(tmp_path)]
+    assert losses[-1] < 0.6 * losses[0], losses
+    grid = Image.open(tmp_path / "samples" / "step0000060.png")
+    assert grid.size == (10 * 30 + 2, 32)
+
+
+def test_same_seed_same_run_and_resume_continues_exactly(data_dir, tmp_path):
+    common = ["--data-dir", str(data_dir), "--steps", "6", "--batch-size", "8", "--sample-every", "0", *TINY_UVIT]
+    for name in ("a", "b"):
+        train.main([*common, "--out-dir", str(tmp_path / name)])
+    train.main([*common, "--out-dir", str(tmp_path / "c"), "--max-minutes", "1e-9"])  # stops after one step
+    assert torch.load(tmp_path / "c" / "ckpt.pt", weights_only=True)["step"] == 1
+    train.main([*common, "--out-dir", str(tmp_path / "c"), "--resume", str(tmp_path / "c" / "ckpt.pt")])
+    a, b, c = (torch.load(tmp_path / n / "ckpt.pt", weights_only=True) for n in "abc")
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0)
+        torch.testing.assert_close(a["model"][key], c["model"][key], rtol=0, atol=0)
+        torch.testing.assert_close(a["ema"][key], c["ema"][key], rtol=0, atol=0)
+    assert a["step"] == c["step"] == 6 and a["folder"] == "ddpm"
+
+
+def test_ddp_two_processes_on_cpu(data_dir, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+         "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--steps", "3", "--batch-size", "4",
+         "--sample-every", "0", "--device", "cpu", "--threads", "1",
+         "--backbone", "unet", "--channels", "8", "--channel-mult", "1,2", "--attn-levels", "1"],
+        cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert checkpoint["step"] == 3 and len(checkpoint["rng"]) == 2
+    assert not torch.equal(checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"])  # per-rank seeds
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data: the real torchvision loaders on small files the tests write
+
+
+def test_loaders_read_fake_fashion_mnist_and_cifar10(tmp_path, monkeypatch):
+    write_fake_mnist(tmp_path, "FashionMNIST", n_train=20, n_test=10)
+    images, labels = train.load_dataset("fashion", tmp_path, train=False)
+    assert images.shape == (10, 1, 28, 28) and images.dtype == torch.uint8 and labels.tolist()[:3] == [0, 1, 2]
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": [0, 1, 2, 3]}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [str(i) for i in range(10)]}))
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args: True)  # fake files: skip the md5s
+    images, labels = train.load_dataset("cifar10", tmp_path, train=True)
+    assert images.shape == (20, 3, 32, 32) and labels.tolist()[:4] == [0, 1, 2, 3]
+    raw = np.frombuffer(pickle.loads((folder / "data_batch_1").read_bytes())["data"].tobytes(), np.uint8)
+    assert torch.equal(images[0], torch.from_numpy(raw[:3072].reshape(3, 32, 32).copy()))
+
+
+def test_missing_dataset_offline_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    def offline(self):
+        raise OSError("no network")
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", offline)
+    with pytest.raises(SystemExit) as error:
+        train.load_dataset("mnist", tmp_path / "data", train=True)
+    assert "mnist not found under" in str(error.value) and "--data-dir" in str(error.value)
+    assert not (tmp_path / "data").exists()
+
+
+def test_real_mnist_test_split_when_available():
+    data_dir = os.environ.get("DATA_DIR", "data")
+    if not (Path(data_dir) / "MNIST" / "raw" / "t10k-images-idx3-ubyte").exists():
+        pytest.skip(f"real MNIST not under DATA_DIR={data_dir}")
+    images, labels = train.load_dataset("mnist", data_dir, train=False)
+    assert images.shape == (10_000, 1, 28, 28) and labels[:5].tolist() == [7, 2, 1, 0, 4]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sample.py on a checkpoint, evaluation, errors
+
+
+def test_sample_writes_grid_and_gif_of_right_shape_and_range(checkpoint, tmp_path):
+    sample.main(["--checkpoint", str(checkpoint), "--steps", "3", "--n", "2", "--out", str(tmp_path / "grid.png"),
+                 "--gif", str(tmp_path / "ddim.gif")])
+    assert Image.open(tmp_path / "grid.png").size == (10 * 30 + 2, 2 * 30 + 2)
+    gif = Image.open(tmp_path / "ddim.gif")
+    assert gif.n_frames == 4  # x_T and the three DDIM steps
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ema = model.build_model(ckpt["config"], 1, 28, 10)
+    ema.load_state_dict(ckpt["ema"])
+    args = sample.get_parser().parse_args(["--sampler", "ddpm"])
+    args.steps = 1000
+    images, _ = sample.generate(ema.eval(), Diffusion(1000), torch.tensor([3, 5]), (1, 28, 28), args, "cpu")
+    assert images.shape == (2, 1, 28, 28) and images.min() >= -1 and images.max() <= 1
+
+
+def test_frechet_distance_matches_closed_form():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=3), rng.normal(size=3)
+    s1, s2 = np.diag([1.0, 2.0, 0.5]), np.diag([4.0, 1.0, 0.5])
+    closed_form = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(np.diag(s1)) - np.sqrt(np.diag(s2))) ** 2).sum()
+    assert sample.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(closed_form, rel=1e-6)
+    features = torch.from_numpy(rng.normal(size=(200, 4)))
+    assert sample.frechet_distance(*sample.feature_stats(features), *sample.feature_stats(features)) == pytest.approx(0, abs=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # 20 samples: a singular covariance
+def test_evaluate_trains_caches_and_scores(checkpoint, data_dir, tmp_path, capsys):
+    classifier = tmp_path / "classifier.pt"
+    argv = ["--checkpoint", str(checkpoint), "--steps", "2", "--evaluate", "--num-eval", "20",
+            "--classifier", str(classifier), "--classifier-epochs", "1", "--data-dir", str(data_dir)]
+    sample.main(argv)
+    assert "trained the evaluation classifier" in capsys.readouterr().out
+    sample.main(argv)  # second time: the cached classifier, no training
+    out = capsys.readouterr().out
+    assert "trained" not in out and "recognised as the requested class" in out
+    with open(checkpoint.parent / "eval.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[-1]["steps"] == "2" and 0 <= float(rows[-1]["accuracy"]) <= 1 and float(rows[-1]["classifier_fid"]) >= 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "--steps must be in 1..1000"),
+    (["--steps", "1001"], "--steps must be in 1..1000"),
+    (["--sampler", "ddpm", "--steps", "50"], "ddpm walks all T=1000 steps"),
+    (["--guidance", "-1"], "--guidance must be"),
+    (["--guidance", "nan"], "--guidance must be"),
+    (["-d", "-1"], "class index in 0..9"),
+])
+def test_invalid_sample_flags_are_one_line_errors(checkpoint, argv, message, capsys):
+    with pytest.raises(SystemExit) as error:
+        sample.main(["--checkpoint", str(checkpoint), *argv])
+    assert error.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bad_checkpoints_are_one_line_errors(checkpoint, tmp_path):
+    torch.save({"folder": "gpt"}, tmp_path / "other.pt")
+    (tmp_path / "truncated.pt").write_bytes(checkpoint.read_bytes()[:1000])
+    for path, message in [(tmp_path / "missing.pt", "does not exist"), (tmp_path / "truncated.pt", "truncated or corrupt"),
+                          (tmp_path / "other.pt", "not a ddpm checkpoint")]:
+        with pytest.raises(SystemExit) as error:
+            train.load_checkpoint(str(path))
+        assert message in str(error.value) and str(error.value).startswith("error:")
+
+
+def test_errors_from_the_command_line_have_no_traceback(checkpoint, tmp_path):
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    result = subprocess.run([sys.executable, "sample.py", "--checkpoint", str(tmp_path / "corrupt.pt")],
+                            cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: checkpoint {tmp_path / 'corrupt.pt'} is truncated or corrupt (UnpicklingError)"]
