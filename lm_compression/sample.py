@@ -14,6 +14,7 @@ decoder replays the encoder's computation with those settings, so both see bit-i
 """
 import argparse
 import bz2
+import csv
 import gzip
 import lzma
 import math
@@ -248,15 +249,20 @@ def curve(checkpoints, path, args):
               f"{points[-1][2]:.3f} bits/byte ({len(code):,} bytes)")
     points.sort()
     plt.figure(figsize=(6, 4))
-    plt.plot([p[0] for p in points], [p[2] for p in points], "o-", label="ours (coded, held-out)")
+    plt.plot([p[0] for p in points], [p[2] for p in points], "o-", label="ours: coded size of the file")
+    log = os.path.join(os.path.dirname(checkpoints[0]), "log.csv")  # train.py's held-out loss, if beside it
+    if os.path.isfile(log):
+        rows = list(csv.DictReader(open(log)))
+        plt.plot([float(r["train_seconds"]) / 60 for r in rows], [float(r["val_bits_per_byte"]) for r in rows],
+                 ".:", label="held-out loss during training (bits/byte)")
     for name, size in [("gzip -9", len(gzip.compress(data, 9))), ("bzip2 -9", len(bz2.compress(data, 9))),
                        ("xz -9e", len(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)))]:
-        plt.axhline(8 * size / max(1, len(data)), linestyle="--", color="gray")
-        plt.text(0, 8 * size / max(1, len(data)), name, va="bottom", fontsize=8)
+        plt.axhline(8 * size / max(1, len(data)), linestyle="--", color={"gzip -9": "tab:red", "bzip2 -9": "tab:green",
+                    "xz -9e": "tab:purple"}[name], label=name, linewidth=1)
     plt.xlabel("training time (minutes, 2-core CPU)")
     plt.ylabel("bits per byte")
     plt.title(f"{os.path.basename(path)}: compressed size vs training time")
-    plt.legend()
+    plt.legend(fontsize=8)
     plt.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
     plt.savefig(args.plot, dpi=100)
