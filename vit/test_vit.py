@@ -6,6 +6,7 @@ import pickle
 import struct
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -252,6 +253,17 @@ def test_same_seed_gives_the_same_run_and_resume_continues_exactly(mnist_run, tm
     columns = ["epoch", "step", "train_loss", "test_loss", "test_accuracy"]
     assert [[r[c] for c in columns] for r in read_metrics(tmp_path / "resumed")] == \
            [[r[c] for c in columns] for r in read_metrics(out_dir)]
+
+
+def test_time_budget_stops_on_the_clock_with_the_learning_rate_annealed(mnist_run, tmp_path):
+    data, _, _ = mnist_run
+    start = time.time()
+    train.main(["--data-dir", str(data), "--out-dir", str(tmp_path), "--epochs", "1000", "--time-budget", "0.03",
+                "--threads", "1", *TINY])
+    rows = read_metrics(tmp_path)
+    assert 1 <= len(rows) < 1000 and time.time() - start < 1.8 + 5
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 0.25 * 3e-3  # the cosine ran on the clock
 
 
 @pytest.mark.parametrize("dataset", ["fashion_mnist", "cifar10"])
