@@ -3,8 +3,10 @@
     python gpt/sample.py -p "QUEEN" -n 500 --num-samples 5 --top-k 40 --temperature 0.8 --seed 0
     python gpt/sample.py --out gpt/generated.txt            # also write all samples to a file
     python gpt/sample.py --benchmark                        # tokens/s with and without the key/value cache
+    python gpt/sample.py --plot runs/gpt                    # loss curves -> images/gpt_loss.png
 """
 import argparse
+import csv
 import os
 import sys
 import time
@@ -14,6 +16,11 @@ import torch
 
 from model import GPT, CharTokenizer, GPTConfig
 from train import load_checkpoint, pick_device
+
+IMAGES = Path(__file__).resolve().parent.parent / "images"
+# nanoGPT's CPU "baby" config (4 layers, 4 heads, 128 wide, block 64, batch 12) measured on our 2-core machine
+# (issue 4): validation loss after 86 s and after 8 minutes. Drawn as reference points on the loss plot.
+NANOGPT_BABY_CPU = [(86, 1.886), (480, 1.499)]
 
 
 def get_parser():
@@ -28,6 +35,8 @@ def get_parser():
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context at every step instead of using the key/value cache")
     p.add_argument("--out", help="also write the samples to this file, each under a '################ SAMPLE k ################' line")
     p.add_argument("--benchmark", action="store_true", help="time greedy generation of -n characters with and without the cache, check they agree, and exit")
+    p.add_argument("--plot", nargs="+", metavar="RUN_DIR", help="instead of sampling, plot the loss curves in these run folders' metrics.csv and exit")
+    p.add_argument("--plot-out", default=str(IMAGES / "gpt_loss.png"), help="where --plot writes its picture")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda, then mps, then cpu")
     p.add_argument("--seed", type=int, default=0, help="seeds torch's sampler")
     return p
@@ -54,6 +63,31 @@ def benchmark(model, prompt, n):
     return results[True][1], results[False][1], same
 
 
+def plot_runs(run_dirs, out):
+    """Validation (solid) and training (dotted) loss against seconds of training, one colour per run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for run_dir in run_dirs:
+        path = Path(run_dir) / "metrics.csv"
+        if not path.is_file():
+            sys.exit(f"error: no metrics.csv in {run_dir}")
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+        seconds = [float(r["train_seconds"]) for r in rows]
+        line, = ax.plot(seconds, [float(r["val_loss"]) for r in rows], label=f"{Path(run_dir).name} val")
+        ax.plot(seconds, [float(r["train_loss"]) for r in rows], ":", color=line.get_color(), label=f"{Path(run_dir).name} train")
+    ax.plot(*zip(*NANOGPT_BABY_CPU), "k*", markersize=10, label="nanoGPT baby config, val (same machine)")
+    ax.set(xlabel="training seconds (evaluation excluded)", ylabel="loss (nats / character)", ylim=(1.0, 3.0))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
 def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
@@ -61,6 +95,8 @@ def main(argv=None):
         parser.error("--max-new-tokens and --num-samples must be at least 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         parser.error("--temperature must be >= 0, --top-p in (0, 1], --top-k >= 0")
+    if args.plot:
+        return plot_runs(args.plot, args.plot_out)
     device = pick_device(args.device)
     model, tokenizer = load_model(args.ckpt, device)
     unknown = tokenizer.unknown(args.prompt)

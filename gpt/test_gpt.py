@@ -199,6 +199,8 @@ def test_sample_reads_a_checkpoint_and_writes_the_sample_format(tmp_path, text_f
     assert written == "".join(f"################ SAMPLE {k} ################\n{s}\n" for k, s in enumerate(samples, 1))
     assert samples[0] in capsys.readouterr().out  # streamed to the terminal
     assert sample.main(["--ckpt", str(tmp_path / "best.pt"), "-n", "20", "--benchmark"])[2]  # cache == no cache
+    sample.main(["--plot", str(tmp_path), "--plot-out", str(tmp_path / "loss.png")])
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_shakespeare_is_read_from_data_dir(tmp_path):
