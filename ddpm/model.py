@@ -196,7 +196,7 @@ class SelfAttention2d(nn.Module):
 
 class UNet(nn.Module):
     """eps_theta: levels of `num_res_blocks` ResBlocks (+ attention at `attn_levels`), stride-2 conv down,
-    nearest-neighbour up, skip connections concatenated on the way up, as in the DDPM U-Net."""
+    nearest-neighbour up + conv, every level's activations concatenated on the way up, as in the DDPM U-Net."""
 
     def __init__(self, in_channels=1, channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attn_levels=(2,),
                  dropout=0.1, num_classes=10):
@@ -229,9 +229,8 @@ class UNet(nn.Module):
                 ch = channels * mult
                 if level in attn_levels:
                     self.up[-1].append(SelfAttention2d(ch))
-            if level != 0:
-                self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"),
-                                              nn.Conv2d(ch, ch, 3, padding=1)]))
+            if level != 0:  # nearest-neighbour upsampling (in forward, to the skip's size: 7 -> 14, 4 -> 7), conv
+                self.up.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, padding=1)]))
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), nn.Conv2d(ch, in_channels, 3, padding=1))
 
     @staticmethod
@@ -251,6 +250,8 @@ class UNet(nn.Module):
         for layers in self.up:
             if isinstance(layers[0], ResBlock):
                 h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
+            else:
+                h = F.interpolate(h, size=skips[-1].shape[-2:], mode="nearest")
             h = self._run(layers, h, emb)
         return self.out(h)
 

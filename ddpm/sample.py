@@ -34,7 +34,7 @@ def get_parser():
     p.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance weight w >= 0 (0: plain conditional)")
     p.add_argument("-d", "--digit", type=int, default=None, help="class index to generate (default: every class)")
     p.add_argument("--n", type=int, default=8, help="samples per class in the grid")
-    p.add_argument("--out", default=str(IMAGES / "ddpm_samples.png"), help="where to write the sample grid")
+    p.add_argument("--out", default=None, help="where to write the sample grid (default images/ddpm_samples.png; with --evaluate only if given)")
     p.add_argument("--gif", default=None, nargs="?", const="auto",
                    help="also write the reverse process as a GIF (default path images/ddpm_<sampler>.gif)")
     p.add_argument("--evaluate", action="store_true", help="compute classifier accuracy and classifier-FID instead of a grid")
@@ -62,11 +62,11 @@ def generate(ema, diffusion, y, shape, args, device, frames=0):
 
 
 def write_gif(snapshots, path, nrow):
-    """One frame per snapshot x_t (a grid, 2x nearest upscaled), the final x_0 held for a second."""
+    """One frame per snapshot x_t (a grid, 2x nearest upscaled if small), the final x_0 held for a second."""
     frames = []
     for x in snapshots:
         grid = torchvision.utils.make_grid(((x.clamp(-1, 1) + 1) / 2).cpu(), nrow=nrow, padding=1)
-        grid = F.interpolate(grid[None], scale_factor=2, mode="nearest")[0]
+        grid = F.interpolate(grid[None], scale_factor=2 if len(x) <= 10 else 1, mode="nearest")[0]
         frames.append(Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy()).convert("P"))
     path.parent.mkdir(parents=True, exist_ok=True)
     frames[0].save(str(path) + ".tmp.gif", save_all=True, append_images=frames[1:], loop=0,
@@ -131,11 +131,29 @@ def get_classifier(path, dataset, data_dir, device, epochs, seed=0):
     return classifier, cached
 
 
-def inception_weights_note():
+def inception_weights_path():
     """The standard FID needs torchvision's Inception-v3 weights; offline they are only usable if cached."""
     weights = torchvision.models.Inception_V3_Weights.IMAGENET1K_V1
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-    return cached.exists(), cached
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+
+
+@torch.no_grad()
+def inception_fid(images, reference, device, batch_size=50):
+    """FID with torchvision's Inception-v3 (2048-d pool features, 299x299 bilinear, ImageNet normalisation).
+    torchvision's weights are not the TF ones of Heusel et al., so the numbers are close to, not equal to, the
+    published FIDs; `reference` are as many real test images as there are samples."""
+    net = torchvision.models.inception_v3(weights=torchvision.models.Inception_V3_Weights.IMAGENET1K_V1)
+    net.fc = torch.nn.Identity()
+    net = net.to(device).eval()
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+
+    def features(x):  # x in [-1, 1], (B, C, H, W) -> (B, 2048)
+        x = F.interpolate((x.expand(-1, 3, -1, -1) + 1) / 2, size=(299, 299), mode="bilinear", align_corners=False)
+        return net((x - mean) / std).cpu()
+    fake = torch.cat([features(x) for x in images.split(batch_size)])
+    real = torch.cat([features(x.to(device).float() / 127.5 - 1) for x in reference.split(batch_size)])
+    return frechet_distance(*feature_stats(fake), *feature_stats(real))
 
 
 def main(argv=None):
@@ -170,48 +188,52 @@ def main(argv=None):
     shape = (in_channels, image_size, image_size)
     name = f"{args.sampler.upper()}-{args.steps} eta={args.eta:g} w={args.guidance:g}"
 
-    if args.evaluate:
+    classes = list(range(NUM_CLASSES)) if args.digit is None else [args.digit]
+    if args.evaluate:  # evenly over the requested classes: 0, 1, ..., 9, 0, 1, ...
+        y = torch.tensor(classes, device=device).repeat(-(-args.num_eval // len(classes)))[:args.num_eval]
         classifier_path = args.classifier or f"runs/ddpm/classifier_{config['dataset']}.pt"
         classifier, cached = get_classifier(classifier_path, config["dataset"], args.data_dir, device,
                                             args.classifier_epochs, args.seed)
-        y = torch.arange(args.num_eval, device=device) % NUM_CLASSES
-        start = time.time()
-        images, _ = generate(ema, diffusion, y, shape, args, device)
-        seconds = time.time() - start
+    else:  # row i holds sample i of every requested class
+        y = torch.tensor(classes, device=device).repeat(args.n)
+    start = time.time()
+    images, snapshots = generate(ema, diffusion, y, shape, args, device, frames=40 if args.gif else 0)
+    seconds = time.time() - start
+    print(f"{name}: {len(y)} images in {seconds:.1f} s, {len(y) / seconds:.2f} images/s")
+
+    if args.evaluate:
         features, predictions = classify(classifier, images)
         accuracy = (predictions == y.cpu()).float().mean().item()
-        mu, sigma = feature_stats(features)
-        cfid = frechet_distance(mu, sigma, cached["test_mu"].numpy(), cached["test_sigma"].numpy())
+        cfid = frechet_distance(*feature_stats(features), cached["test_mu"].numpy(), cached["test_sigma"].numpy())
         print(f"{name}: {args.num_eval} samples, recognised as the requested class {accuracy:.2%}, "
-              f"classifier-FID {cfid:.3f}, {args.num_eval / seconds:.2f} images/s "
-              f"(evaluation classifier test accuracy {cached['test_accuracy']:.2%})")
-        available, weights_path = inception_weights_note()
-        if not available:
-            print(f"standard FID: not computed, torchvision's Inception-v3 weights are not at {weights_path}")
+              f"classifier-FID {cfid:.3f} (evaluation classifier test accuracy {cached['test_accuracy']:.2%})")
+        fid = ""
+        if inception_weights_path().exists():
+            test_images, _ = load_dataset(config["dataset"], args.data_dir, train=False)
+            fid = inception_fid(images, test_images[:len(images)], device)
+            print(f"{name}: FID (torchvision Inception-v3, {len(images)} samples vs as many test images) {fid:.2f}")
+        else:
+            print(f"standard FID: not computed, torchvision's Inception-v3 weights are not at {inception_weights_path()}")
         results = Path(args.checkpoint).parent / "eval.csv"
         new = not results.exists()
         with open(results, "a", newline="") as f:
             writer = csv.writer(f)
             if new:
                 writer.writerow(["sampler", "steps", "eta", "guidance", "num_samples", "accuracy", "classifier_fid",
-                                 "images_per_s", "seconds", "seed"])
+                                 "inception_fid", "images_per_s", "seconds", "seed"])
             writer.writerow([args.sampler, args.steps, args.eta, args.guidance, args.num_eval, f"{accuracy:.4f}",
-                             f"{cfid:.4f}", f"{args.num_eval / seconds:.3f}", f"{seconds:.1f}", args.seed])
-        return
+                             f"{cfid:.4f}", fid and f"{fid:.3f}", f"{args.num_eval / seconds:.3f}", f"{seconds:.1f}", args.seed])
 
-    classes = [args.digit] if args.digit is not None else list(range(NUM_CLASSES))
-    y = torch.tensor(classes, device=device).repeat(args.n)  # row i holds sample i of every class
-    start = time.time()
-    images, snapshots = generate(ema, diffusion, y, shape, args, device, frames=40 if args.gif else 0)
-    print(f"{name}: {len(y)} images in {time.time() - start:.1f} s")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torchvision.utils.save_image((images + 1) / 2, str(out) + ".tmp.png", nrow=len(classes) if len(classes) > 1 else 8)
-    os.replace(str(out) + ".tmp.png", out)
-    print(f"wrote {out}")
+    nrow = len(classes) if len(classes) > 1 else 8
+    out = args.out or (None if args.evaluate else str(IMAGES / "ddpm_samples.png"))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        torchvision.utils.save_image((images + 1) / 2, out + ".tmp.png", nrow=nrow)
+        os.replace(out + ".tmp.png", out)
+        print(f"wrote {out}")
     if args.gif:
         gif = IMAGES / f"ddpm_{args.sampler}.gif" if args.gif == "auto" else Path(args.gif)
-        write_gif(snapshots, gif, nrow=len(classes) if len(classes) > 1 else 8)
+        write_gif(snapshots, gif, nrow)
         print(f"wrote {gif}")
 
 

@@ -160,7 +160,7 @@ def test_guidance_is_one_plus_w_cond_minus_w_uncond():
 
 
 @pytest.mark.parametrize("net, size, channels", [
-    (UNet(1, 8, (1, 2, 2), 1, (2,), 0.0, 10), 28, 1),
+    (UNet(1, 8, (1, 2, 2, 2), 1, (2,), 0.0, 10), 28, 1),  # 28 -> 14 -> 7 -> 4 and back up
     (UNet(3, 8, (1, 2), 2, (1,), 0.0, 10), 32, 3),
     (UViT(1, 28, 4, 16, 3, 2, 10), 28, 1),
     (UViT(3, 32, 4, 16, 3, 2, 10), 32, 3)], ids=["unet-28", "unet-32", "uvit-28", "uvit-32"])
@@ -315,9 +315,10 @@ def test_evaluate_trains_caches_and_scores(checkpoint, data_dir, tmp_path, capsy
             "--classifier", str(classifier), "--classifier-epochs", "1", "--data-dir", str(data_dir)]
     sample.main(argv)
     assert "trained the evaluation classifier" in capsys.readouterr().out
-    sample.main(argv)  # second time: the cached classifier, no training
+    sample.main([*argv, "--out", str(tmp_path / "eval.png"), "--gif", str(tmp_path / "eval.gif")])  # cached classifier
     out = capsys.readouterr().out
     assert "trained" not in out and "recognised as the requested class" in out
+    assert Image.open(tmp_path / "eval.png").size == (10 * 30 + 2, 2 * 30 + 2) and Image.open(tmp_path / "eval.gif").n_frames == 3
     with open(checkpoint.parent / "eval.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows[-1]["steps"] == "2" and 0 <= float(rows[-1]["accuracy"]) <= 1 and float(rows[-1]["classifier_fid"]) >= 0
@@ -353,3 +354,25 @@ def test_errors_from_the_command_line_have_no_traceback(checkpoint, tmp_path):
                             cwd=HERE, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [f"error: checkpoint {tmp_path / 'corrupt.pt'} is truncated or corrupt (UnpicklingError)"]
+
+
+def test_inception_fid_plumbing_with_a_stand_in_network(monkeypatch):
+    """The real weights are not available offline: a stand-in with Inception's interface checks the input the
+    network gets (3 x 299 x 299, ImageNet-normalised) and that identical sets are at distance 0."""
+    seen = []
+
+    class StandIn(torch.nn.Module):
+        def __init__(self, weights=None):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 10)
+
+        def forward(self, x):
+            seen.append(x.shape)
+            return self.fc(x.mean((2, 3)) + x.std((2, 3)))
+
+    monkeypatch.setattr(torchvision.models, "inception_v3", StandIn)
+    real = torch.randint(0, 256, (12, 1, 28, 28), dtype=torch.uint8)
+    fake = real.float() / 127.5 - 1
+    assert sample.inception_fid(fake, real, "cpu", batch_size=5) == pytest.approx(0, abs=1e-6)
+    assert seen[0] == (5, 3, 299, 299)
+    assert sample.inception_fid(fake.flip(-1) * 0.5, real, "cpu") > 1e-3
