@@ -96,8 +96,8 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
-    def __init__(self, image_size=28, channels=1, patch_size=4, num_classes=10, dim=64, depth=6,
-                 num_heads=4, mlp_dim=128, dropout=0.0):
+    def __init__(self, image_size=28, channels=1, patch_size=7, num_classes=10, dim=128, depth=6,
+                 num_heads=4, mlp_dim=256, dropout=0.0):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image size {image_size} is not divisible by the patch size {patch_size}")

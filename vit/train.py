@@ -56,9 +56,15 @@ PRESETS = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # no "(default: None)" on the flags that a preset fills in
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0] + " Flags marked [preset] default to the "
+                                "--preset's value for the dataset (PRESETS in train.py), else to DEFAULTS.",
+                                formatter_class=HelpFormatter)
     p.add_argument("--dataset", default="mnist", choices=sorted(DATASETS), help="which torchvision dataset")
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS),
                    help="per-dataset overrides (see PRESETS in train.py) applied before explicit flags")
@@ -66,7 +72,7 @@ def get_args(argv=None):
                    help="auto picks cuda, then mps, then cpu")
     p.add_argument("--seed", type=int, default=0, help="seeds Python, NumPy and torch")
     p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "data"),
-                   help="where the dataset lives in torchvision's layout (default $DATA_DIR, else ./data)")
+                   help="where the dataset lives in torchvision's layout ($DATA_DIR if set, else ./data)")
     p.add_argument("--out-dir", default="runs/vit", help="checkpoints (last.pt, best.pt) and metrics.csv go here")
     p.add_argument("--resume", default=None, help="continue the run saved in this checkpoint (its config is used)")
     p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
@@ -78,27 +84,29 @@ def get_args(argv=None):
                         "step count, and training stops when they are spent (0: off, --epochs decides)")
     p.add_argument("--train-limit", type=int, default=0, help="use only the first N training images (0: all)")
     p.add_argument("--test-limit", type=int, default=0, help="evaluate on the first N test images (0: all)")
-    # model; None means "from the preset, else DEFAULTS"
-    p.add_argument("--patch-size", type=int, help="P: patches are P x P pixels; must divide the image size")
-    p.add_argument("--dim", type=int, help="D: token width")
-    p.add_argument("--depth", type=int, help="L: number of encoder blocks")
-    p.add_argument("--num-heads", type=int, help="h: attention heads; must divide --dim")
-    p.add_argument("--mlp-dim", type=int, help="hidden width of the MLP in each block")
-    p.add_argument("--dropout", type=float, help="dropout on embeddings, attention, residual branches")
+    # model, optimisation, augmentation: None means "from the preset, else DEFAULTS"
+    p.add_argument("--patch-size", type=int, help="P: patches are P x P pixels; must divide the image size [preset]")
+    p.add_argument("--dim", type=int, help="D: token width [preset]")
+    p.add_argument("--depth", type=int, help="L: number of encoder blocks [preset]")
+    p.add_argument("--num-heads", type=int, help="h: attention heads; must divide --dim [preset]")
+    p.add_argument("--mlp-dim", type=int, help="hidden width of the MLP in each block [preset]")
+    p.add_argument("--dropout", type=float, help="dropout on embeddings, attention, residual branches [preset]")
     # optimisation
-    p.add_argument("--epochs", type=int, help="passes over the training set")
-    p.add_argument("--batch-size", type=int, help="images per optimiser step, summed over DDP processes")
-    p.add_argument("--lr", type=float, help="peak AdamW learning rate, after warmup; cosine decay to 0")
-    p.add_argument("--weight-decay", type=float, help="AdamW decoupled weight decay (matrices only)")
-    p.add_argument("--warmup-epochs", type=float, help="linear learning-rate warmup, in epochs")
-    p.add_argument("--label-smoothing", type=float, help="label smoothing of the cross-entropy")
-    p.add_argument("--grad-clip", type=float, help="clip the global gradient norm to this (0: off)")
+    p.add_argument("--epochs", type=int, help="passes over the training set [preset]")
+    p.add_argument("--batch-size", type=int, help="images per optimiser step, summed over DDP processes [preset]")
+    p.add_argument("--lr", type=float, help="peak AdamW learning rate, after warmup; cosine decay to 0 [preset]")
+    p.add_argument("--weight-decay", type=float, help="AdamW decoupled weight decay (matrices only) [preset]")
+    p.add_argument("--warmup-epochs", type=float, help="linear learning-rate warmup, in epochs [preset]")
+    p.add_argument("--label-smoothing", type=float, help="label smoothing of the cross-entropy [preset]")
+    p.add_argument("--grad-clip", type=float, help="clip the global gradient norm to this (0: off) [preset]")
     # augmentation
-    p.add_argument("--crop-padding", type=int, help="random crop after zero-padding by this many pixels (0: off)")
+    p.add_argument("--crop-padding", type=int,
+                   help="random crop after zero-padding by this many pixels (0: off) [preset]")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="random horizontal flips")
-    p.add_argument("--randaugment", type=int, help="RandAugment with this many ops per image, magnitude 9 (0: off)")
-    p.add_argument("--mixup", type=float, help="mixup with Beta(alpha, alpha) mixing weights (0: off)")
+                   help="random horizontal flips [preset]")
+    p.add_argument("--randaugment", type=int,
+                   help="RandAugment with this many ops per image, magnitude 9 (0: off) [preset]")
+    p.add_argument("--mixup", type=float, help="mixup with Beta(alpha, alpha) mixing weights (0: off) [preset]")
     args = p.parse_args(argv)
 
     for key, value in {**DEFAULTS, **PRESETS[args.preset][args.dataset]}.items():
@@ -112,12 +120,12 @@ def get_args(argv=None):
     for name in ["depth", "mlp_dim", "epochs", "batch_size"]:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ["threads", "time_budget", "train_limit", "test_limit", "weight_decay", "warmup_epochs",
+                 "grad_clip", "crop_padding", "randaugment", "mixup"]:
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} cannot be negative")
     if args.lr <= 0 or not 0 <= args.dropout < 1 or not 0 <= args.label_smoothing < 1:
         p.error("need --lr > 0, 0 <= --dropout < 1 and 0 <= --label-smoothing < 1")
-    if min(args.threads, args.time_budget, args.weight_decay, args.warmup_epochs, args.grad_clip, args.crop_padding, args.randaugment,
-           args.mixup, args.train_limit, args.test_limit) < 0:
-        p.error("--weight-decay, --warmup-epochs, --grad-clip, --crop-padding, --randaugment, --mixup and "
-                "the limits, --threads and --time-budget cannot be negative")
     return args
 
 
@@ -273,10 +281,10 @@ def main(argv=None):
     total_steps, warmup_steps = args.epochs * steps_per_epoch, round(args.warmup_epochs * steps_per_epoch)
     randaugment = v2.RandAugment(num_ops=args.randaugment) if args.randaugment else None
 
-    # model and optimiser: weight decay on matrices only, not on biases, LayerNorms, tokens, embeddings
+    # model and optimiser: weight decay on the weight matrices, not on biases, LayerNorms, x_class, E_pos
     model = ViT(**model_config(args)).to(device)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n and "token" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n and "token" not in n)]
+    decay = [p for p in model.parameters() if p.ndim == 2]
+    no_decay = [p for p in model.parameters() if p.ndim != 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.999))
     step, start_epoch, best_accuracy, history = 0, 0, 0.0, []
