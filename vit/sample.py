@@ -61,7 +61,7 @@ def plot_predictions(images, labels, probabilities, classes, dataset, path):
     n = len(images)
     cols = min(8, n)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 2.2 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i, ax in enumerate(axes.flat[:n]):
@@ -91,6 +91,7 @@ def plot_attention(images, rollout, patch_size, dataset, path):
         axes[1, i].imshow(maps[i].numpy(), cmap="jet", alpha=0.5)
     axes[0, 0].set_ylabel("image", fontsize=8)
     axes[1, 0].set_ylabel("attention rollout", fontsize=8)
+    fig.suptitle("Where the class token looks: attention rollout over all layers", fontsize=10)
     fig.tight_layout()
     save(fig, path)
 

@@ -331,6 +331,10 @@ def test_bad_flags_checkpoints_and_missing_data_stop_with_one_line(mnist_run, tm
     assert "not written by vit/train.py" in one_line_exit(sample.main, ["--checkpoint", str(tmp_path / "foreign.pt")])
     for variable in ["http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"]:  # offline, whatever the machine
         monkeypatch.setenv(variable, "http://127.0.0.1:9")
-    message = one_line_exit(train.main, ["--data-dir", str(tmp_path / "nowhere" / "data"), "--device", "cpu"])
+    message = one_line_exit(train.main, ["--data-dir", str(tmp_path / "nowhere"), "--device", "cpu"])
     assert message.startswith("error: MNIST is not in") and "--data-dir" in message and "\n" not in message
-    assert not (tmp_path / "nowhere" / "data").exists(), "a failed download left files behind"
+    assert not (tmp_path / "nowhere").exists(), "a failed download left files behind"
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "other.txt").write_text("not ours")
+    one_line_exit(train.main, ["--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--device", "cpu"])
+    assert os.listdir(tmp_path / "data") == ["other.txt"], "a failed download left files behind"

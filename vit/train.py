@@ -135,16 +135,18 @@ def load_split(name, data_dir, train):
     """One split of a torchvision dataset as tensors: images uint8 (N, C, H, W), labels int64 (N,), class names.
     Downloads when the files are absent; when that fails, removes what it created and exits in one line."""
     dataset_class = DATASETS[name][0]
-    existed = set(os.listdir(data_dir)) if os.path.isdir(data_dir) else None
+    # what a download writes: MNIST/, FashionMNIST/, or cifar-10-batches-py/ and cifar-10-python.tar.gz
+    written = [os.path.join(data_dir, entry) for entry in (dataset_class.__name__,
+               getattr(dataset_class, "base_folder", ""), getattr(dataset_class, "filename", "")) if entry]
+    new = [data_dir] if not os.path.isdir(data_dir) else [path for path in written if not os.path.exists(path)]
     try:
         dataset = dataset_class(data_dir, train=train, download=True)
     except (RuntimeError, OSError) as e:
-        if existed is None:
-            shutil.rmtree(data_dir, ignore_errors=True)
-        else:
-            for entry in set(os.listdir(data_dir)) - existed:
-                path = os.path.join(data_dir, entry)
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        for path in new:  # leave nothing behind but what was there before
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
         sys.exit(f"error: {dataset_class.__name__} is not in {os.path.abspath(data_dir)} and could not be "
                  f"downloaded ({type(e).__name__}); put torchvision's files there or point --data-dir / DATA_DIR "
                  f"at them")
