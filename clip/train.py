@@ -287,10 +287,10 @@ def main(argv=None):
     tokenizer = CharTokenizer(args.context_length)
     sample_captions = CaptionSampler(tokenizer, parts)
 
-    # Model and optimizer: no weight decay on biases, norms, embeddings' gains and the temperature.
+    # Model and optimizer: weight decay on weight matrices, not on biases, norm gains or the temperature.
     model = build_model(vars(args), tokenizer.vocab_size).to(device)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     step = 0
