@@ -1,0 +1,223 @@
+"""Checks of RealNVP's claims against autograd and closed forms. Run: python -m pytest (in nf/)."""
+import math
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import model
+import sample
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def randomise(module, seed=0):
+    """Flows start as the identity (zero-initialised outputs); give every parameter random values instead."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(0.3 * torch.randn_like(p))
+    return module
+
+
+def tiny_layers():
+    return {
+        "checkerboard coupling": model.AffineCoupling(model.checkerboard_mask(4, 4, 1), model.ResNet(2, 4, 4, 1), 2),
+        "channel coupling": model.AffineCoupling(model.channel_mask(2, 0), model.ResNet(2, 4, 4, 1), 2),
+        "actnorm": model.ActNorm(2),
+        "flat coupling": model.AffineCoupling(torch.tensor([[1.0, 0, 1, 0, 1, 0, 1, 0] * 4]), model.MLP(32, 8), 32),
+    }
+
+
+def layer_input(name):
+    return torch.randn(3, 32) if name == "flat coupling" else torch.randn(3, 2, 4, 4)
+
+
+@pytest.mark.parametrize("name", list(tiny_layers()))
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_every_layer_inverts(name, mode):
+    layer = randomise(tiny_layers()[name])
+    getattr(layer, mode)()
+    x = layer_input(name)
+    y, _ = layer(x)
+    assert not torch.allclose(y, x), "an identity layer proves nothing"
+    torch.testing.assert_close(layer.inverse(y), x, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(tiny_layers()))
+def test_layer_logdet_equals_autograd_jacobian(name):
+    layer = randomise(tiny_layers()[name]).double().eval()
+    x = layer_input(name).double()
+    _, logdet = layer(x)
+    for i in range(len(x)):  # brute force: the full Jacobian of one sample, then its log|det|
+        jacobian = torch.autograd.functional.jacobian(lambda v: layer(v.unsqueeze(0))[0].flatten(), x[i])
+        jacobian = jacobian.reshape(x[i].numel(), x[i].numel())
+        assert logdet[i].item() == pytest.approx(torch.linalg.slogdet(jacobian)[1].item(), abs=1e-8)
+
+
+@pytest.mark.parametrize("flow", ["multiscale", "flat"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_whole_flow_inverts_and_its_logdet_equals_autograd(flow, mode):
+    net = model.RealNVP(channels=1, size=4, num_scales=2, hidden=4) if flow == "multiscale" else \
+        model.FlatRealNVP(channels=1, size=4, num_couplings=4, hidden=8)
+    net = randomise(net).double()
+    getattr(net, mode)()
+    x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    z, logdet = net(x)
+    assert z.shape == (2, 16)
+    torch.testing.assert_close(net.inverse(z), x, atol=1e-4, rtol=0)
+    net.eval()
+    jacobian = torch.autograd.functional.jacobian(lambda v: net(v.unsqueeze(0))[0].flatten(), x[0]).reshape(16, 16)
+    assert net(x)[1][0].item() == pytest.approx(torch.linalg.slogdet(jacobian)[1].item(), abs=1e-8)
+
+
+def test_preprocessing_logdet_equals_autograd():
+    x = torch.randint(0, 256, (1, 1, 3, 3))
+    noise = torch.rand(1, 1, 3, 3, dtype=torch.float64)
+    _, logdet = model.preprocess(x, noise)
+    # l as a function of y = (x + noise) / 256 is element-wise: the Jacobian is diagonal
+    derivative = torch.autograd.functional.jacobian(lambda y: model.preprocess(256 * y, torch.zeros_like(y))[0].flatten(),
+                                                    ((x + noise) / 256).double())
+    expected = torch.log(torch.diagonal(derivative.reshape(9, 9))).sum()
+    assert logdet.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_squeeze_is_a_permutation_and_unsqueeze_undoes_it():
+    x = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).view(2, 3, 4, 6)
+    y = model.squeeze(x)
+    assert y.shape == (2, 12, 2, 3)
+    assert torch.equal(y.flatten().sort().values, x.flatten())
+    assert torch.equal(model.unsqueeze(y), x)
+    assert torch.equal(y[0, :4, 0, 0], torch.tensor([0.0, 1, 6, 7]))  # channel 0's top-left 2x2 patch
+
+
+def test_bits_per_dim_on_known_densities():
+    # the uniform density on [0, 1]^D (log p = 0) is exactly 8 bits per 8-bit pixel
+    assert model.bits_per_dim(torch.tensor(0.0), 784).item() == pytest.approx(8.0)
+    # a standard normal's average negative log-density is its entropy, 0.5 log2(2 pi e) bits per dimension
+    torch.manual_seed(0)
+    z = torch.randn(20000, 16, dtype=torch.float64)
+    nll_bits = -model.standard_normal_log_prob(z).mean() / (16 * math.log(2))
+    assert nll_bits.item() == pytest.approx(0.5 * math.log2(2 * math.pi * math.e), abs=0.01)
+
+
+def test_temperature_zero_returns_the_mode_path():
+    net = randomise(model.RealNVP(channels=1, size=4, num_scales=2, hidden=4)).eval()
+    images, log_p = sample.sample(net, 3, 0.0, "cpu")
+    expected = model.postprocess(net.inverse(torch.zeros(1, 16)))
+    for image in images:
+        torch.testing.assert_close(image, expected[0])
+    assert torch.allclose(log_p, log_p[0])
+
+
+def write_fake_mnist(root, n_train=256, n_test=64, seed=0):
+    """A stand-in for MNIST in torchvision's raw idx layout: blurry bars on a dark background."""
+    rng = np.random.default_rng(seed)
+    raw = os.path.join(root, "MNIST", "raw")
+    os.makedirs(raw)
+    for split, n in [("train", n_train), ("t10k", n_test)]:
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 30, (n, 28, 28)).astype(np.uint8)
+        for i, k in enumerate(labels):
+            images[i, 4:24, 2 * k + 4 : 2 * k + 8] = 220
+        with open(os.path.join(raw, f"{split}-images-idx3-ubyte"), "wb") as f:
+            f.write(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+        with open(os.path.join(raw, f"{split}-labels-idx1-ubyte"), "wb") as f:
+            f.write(struct.pack(">II", 2049, n) + labels.tobytes())
+
+
+TINY = ["--hidden", "8", "--batch-size", "16", "--device", "cpu", "--eval-examples", "64"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nf_data")
+    write_fake_mnist(root)
+    return str(root)
+
+
+def test_tiny_flow_learns_and_checkpoint_reproduces_its_report(data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(["--data-dir", data_dir, "--out-dir", str(out), "--steps", "40", "--eval-every", "20", "--lr", "3e-3", *TINY])
+    rows = [line.split(",") for line in (out / "metrics.csv").read_text().splitlines()[1:]]
+    first, last = float(rows[0][3]), float(rows[-1][3])
+    assert last < first < 8.0, "test bits/dim must fall"
+    sample.main(["--checkpoint", str(out / "ckpt.pt"), "--data-dir", data_dir, "--eval", "--device", "cpu"])
+    assert f"test bits/dim: {last:.4f}" in capsys.readouterr().out
+    picture = tmp_path / "samples.png"
+    sample.main(["--checkpoint", str(out / "ckpt.pt"), "-n", "8", "--out", str(picture), "--device", "cpu"])
+    assert picture.stat().st_size > 100
+
+
+def test_resume_continues_exactly(data_dir, tmp_path, monkeypatch):
+    save = train.save_checkpoint
+
+    def keep_each(path, checkpoint):  # keep every checkpoint, as if the run had been stopped there
+        save(path, checkpoint)
+        save(path.replace("ckpt.pt", f"step{checkpoint['step']}.pt"), checkpoint)
+
+    monkeypatch.setattr(train, "save_checkpoint", keep_each)
+    train.main(["--data-dir", data_dir, "--out-dir", str(tmp_path / "a"), "--steps", "4", "--eval-every", "2", *TINY])
+    train.main(["--resume", str(tmp_path / "a" / "step2.pt"), "--steps", "4", "--out-dir", str(tmp_path / "b"),
+                "--data-dir", data_dir, "--device", "cpu"])
+    whole = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model"]
+    resumed = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["model"]
+    for name in whole:
+        assert torch.equal(whole[name], resumed[name]), name
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    calls = []
+
+    def poisoned(flow, x, noise):  # the 4th training batch produces NaN
+        result = model.log_likelihood(flow, x, noise)
+        if torch.is_grad_enabled():
+            calls.append(1)
+            if len(calls) == 4:
+                result = result * float("nan")
+        return result
+
+    monkeypatch.setattr(train, "log_likelihood", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="loss became nan at step 3.*last good checkpoint"):
+        train.main(["--data-dir", data_dir, "--out-dir", str(out), "--steps", "10", "--eval-every", "2", *TINY])
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+def test_two_process_ddp_run(data_dir, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+         "--data-dir", data_dir, "--out-dir", str(tmp_path), "--steps", "3", "--eval-every", "3", *TINY],
+        cwd=HERE, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 process(es)" in result.stdout
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 3
+
+
+def test_bad_inputs_give_one_line_errors(tmp_path):
+    empty = tmp_path / "nothing_here"
+    for args, message in [
+        (["train.py", "--num-scales", "4"], "--num-scales 4 needs an image size divisible by 8"),
+        (["train.py", "--steps", "0"], "--steps must be positive"),
+        (["train.py", "--data-dir", str(empty), "--out-dir", str(tmp_path / "run")], "could not be downloaded"),
+        (["sample.py", "--checkpoint", str(tmp_path / "missing.pt")], "checkpoint not found"),
+    ]:
+        result = subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True)
+        assert result.returncode != 0
+        assert "Traceback" not in result.stderr
+        assert message in result.stderr.strip().splitlines()[-1]
+    assert not empty.exists() and not (tmp_path / "run").exists()
+
+
+def test_foreign_and_corrupt_checkpoints_are_refused(tmp_path):
+    foreign, corrupt = tmp_path / "foreign.pt", tmp_path / "corrupt.pt"
+    torch.save({"folder": "gpt"}, foreign)
+    corrupt.write_bytes(b"not a checkpoint")
+    for path, message in [(foreign, "not written by nf"), (corrupt, "not a readable checkpoint")]:
+        with pytest.raises(SystemExit, match=message):
+            train.load_checkpoint(str(path))
