@@ -12,7 +12,7 @@ from pathlib import Path
 import matplotlib
 import torch
 
-from model import CharTokenizer, class_text_embeddings, encode_images
+from model import CharTokenizer, class_text_embeddings, encode_images, zero_shot_predict
 from train import (CLASS_NAMES, PARTS, TEMPLATES, build_model, evaluate, fill, load_checkpoint, load_split,
                    pick_device, to_input)
 
@@ -48,6 +48,22 @@ def tokenize_or_exit(tokenizer, texts):
         return tokenizer(texts)
     except ValueError as e:
         sys.exit(f"error: {e}")
+
+
+def print_single_template_accuracy(model, tokenizer, images, labels, dataset, split, device):
+    """Zero-shot accuracy with one template and one name per class, to compare with the ensemble."""
+    features = encode_images(model, to_input(images), device)
+    for i, part in enumerate(PARTS[dataset]):
+        mask = (labels >= 10 * i) & (labels < 10 * (i + 1))
+        part_features, part_labels = features[mask.to(device)], (labels[mask] - 10 * i).to(device)
+        templates = TEMPLATES[part]["train"] + TEMPLATES[part]["heldout"] if split == "all" else TEMPLATES[part][split]
+        for template in templates:
+            accuracies = []
+            for j in range(max(len(names) for names in CLASS_NAMES[part])):  # 1st name, 2nd name, ...
+                captions = [[fill(template, names[min(j, len(names) - 1)])] for names in CLASS_NAMES[part]]
+                pred = zero_shot_predict(part_features, class_text_embeddings(model, tokenizer, captions, device))
+                accuracies.append(f"{(pred == part_labels).float().mean().item():.4f}")
+            print(f"  {part}: {template!r} alone, name 1, 2, ...: {' '.join(accuracies)}")
 
 
 def plot_confusion(predictions, path):
@@ -120,6 +136,7 @@ def main(argv=None):
             print(f"{part}: zero-shot accuracy {metrics[f'{part}_zero_shot_acc']:.4f} with {args.templates} "
                   f"prompts ({n_prompts} templates x names per class); text->image precision@10 "
                   f"{metrics[f'{part}_precision_at_10']:.4f}")
+        print_single_template_accuracy(model, tokenizer, images, labels, dataset, args.templates, device)
         plot_confusion(predictions, args.confusion_out)
         print(f"confusion matrix: {args.confusion_out}")
 
