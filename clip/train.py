@@ -298,9 +298,10 @@ def main(argv=None):
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
-        random.setstate((ckpt["rng"]["python"][0], tuple(ckpt["rng"]["python"][1]), ckpt["rng"]["python"][2]))
-        np.random.set_state(("MT19937", np.array(ckpt["rng"]["numpy"], dtype=np.uint32), 0, 0, 0.0))
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        rng = ckpt["rng"]
+        random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+        np.random.set_state(("MT19937", np.array(rng["numpy"][0], dtype=np.uint32), rng["numpy"][1], 0, 0.0))
+        torch.set_rng_state(rng["torch"])
     raw_model = model
     if args.compile:
         model = torch.compile(model)
@@ -369,7 +370,8 @@ def main(argv=None):
                     "optimizer": optimizer.state_dict(), "step": step + 1, "train_time_s": train_time,
                     "metrics": metrics, "vocab": tokenizer.chars,
                     "rng": {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-                            "numpy": np.random.get_state()[1].tolist(), "torch": torch.get_rng_state()}})
+                            "numpy": [np.random.get_state()[1].tolist(), int(np.random.get_state()[2])],
+                            "torch": torch.get_rng_state()}})
                 t0 = time.time()
             with open(csv_path, "a", newline="") as f:
                 csv.writer(f).writerow([row.get(k, "") for k in ["step", "epoch", "loss", "lr", "logit_scale",
