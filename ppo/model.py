@@ -80,19 +80,24 @@ class Agent(nn.Module):
     def get_value(self, obs):
         return self.critic(self.normalize(obs)).squeeze(-1)  # (B,)
 
-    def get_action_and_value(self, obs, action=None, deterministic=False):
-        """Sample (or score the given) action: returns action, log pi(a|s), entropy, V(s), each with batch dim B."""
-        x = self.normalize(obs)
-        out = self.actor(x)  # (B, A) logits, or (B, D) Gaussian means
+    def act(self, obs, deterministic=False):
+        """Sample a ~ pi(.|s) for a batch of observations, or take the policy's mode. (B, obs_dim) -> (B,) or (B, D)."""
+        out = self.actor(self.normalize(obs))  # (B, A) logits, or (B, D) Gaussian means
         if self.continuous:
-            if action is None:
-                action = out if deterministic else out + self.log_std.exp() * torch.randn_like(out)
-            log_prob, entropy = gaussian_log_prob_entropy(out, self.log_std, action)
+            return out if deterministic else out + self.log_std.exp() * torch.randn_like(out)
+        if deterministic:
+            return out.argmax(-1)
+        return torch.multinomial(out.softmax(-1), 1).squeeze(-1)
+
+    def evaluate_actions(self, obs, actions):
+        """log pi(a|s), the entropy of pi(.|s) and V(s) for a batch of observations and actions, each (B,)."""
+        x = self.normalize(obs)
+        out = self.actor(x)
+        if self.continuous:
+            log_prob, entropy = gaussian_log_prob_entropy(out, self.log_std, actions)
         else:
-            if action is None:
-                action = out.argmax(-1) if deterministic else torch.multinomial(out.softmax(-1), 1).squeeze(-1)
-            log_prob, entropy = categorical_log_prob_entropy(out, action)
-        return action, log_prob, entropy, self.critic(x).squeeze(-1)
+            log_prob, entropy = categorical_log_prob_entropy(out, actions)
+        return log_prob, entropy, self.critic(x).squeeze(-1)
 
 
 def ppo_loss(new_log_prob, old_log_prob, advantages, new_value, old_value, returns, entropy,
@@ -127,8 +132,7 @@ def gae(rewards, values, next_value, terminations, dones, gamma, gae_lambda):
     values[t + 1] (or next_value) is V(s_final) and the truncation is bootstrapped with no extra work. The step
     after an episode end (the autoreset step) gets a meaningless estimate here; train.py leaves it out.
     """
-    advantages = torch.zeros_like(rewards)
-    last = torch.zeros_like(next_value)
+    advantages, last = 0 * rewards, 0 * next_value  # numpy arrays or torch tensors alike
     for t in reversed(range(rewards.shape[0])):
         next_v = next_value if t == rewards.shape[0] - 1 else values[t + 1]
         delta = rewards[t] + gamma * (1 - terminations[t]) * next_v - values[t]  # delta_t, Eq. 12

@@ -43,9 +43,7 @@ def load_checkpoint(path, device):
 def act(agent, obs, deterministic, device):
     """The policy's action for a batch of observations: its mode (argmax or Gaussian mean) or a sample."""
     with torch.no_grad():
-        action = agent.get_action_and_value(torch.as_tensor(obs, dtype=torch.float32, device=device),
-                                            deterministic=deterministic)[0].cpu().numpy()
-    return action
+        return agent.act(torch.as_tensor(obs, dtype=torch.float32, device=device), deterministic).cpu().numpy()
 
 
 def evaluate(agent, env_id, episodes, seed, device="cpu", deterministic=True):

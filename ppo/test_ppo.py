@@ -73,14 +73,14 @@ def test_autoreset_step_is_marked_invalid_in_a_real_rollout():
     state = {"obs": obs, "prev_done": np.zeros(4, dtype=bool), "episode_return": np.zeros(4),
              "episode_length": np.zeros(4, dtype=np.int64)}
     b, episodes = train.rollout(envs, agent, state, num_steps=100, reward_scale=1.0, device="cpu")
-    dones, valid = b["dones"].numpy(), b["valid"].numpy()
+    dones, valid = b["dones"], b["valid"]
     assert dones.sum() >= 8, "a random policy ends CartPole episodes within ~20 steps"
     np.testing.assert_array_equal(valid[1:], 1 - dones[:-1])  # exactly the step after each episode end
     after = np.argwhere(dones[:-1] == 1)
-    assert (b["rewards"].numpy()[after[:, 0] + 1, after[:, 1]] == 0).all()  # gymnasium's reset step: reward 0
+    assert (b["rewards"][after[:, 0] + 1, after[:, 1]] == 0).all()  # gymnasium's reset step: reward 0
     # the observation stored at the reset step is the episode's true final state (next-step autoreset):
-    final_obs = b["obs"].numpy()[after[:, 0] + 1, after[:, 1]]
-    terminated = b["terminations"].numpy()[after[:, 0], after[:, 1]] == 1
+    final_obs = b["obs"][after[:, 0] + 1, after[:, 1]]
+    terminated = b["terminations"][after[:, 0], after[:, 1]] == 1
     assert ((np.abs(final_obs[terminated, 0]) > 2.4) | (np.abs(final_obs[terminated, 2]) > 0.2095)).all()
     # every reward-1 step is counted once in the logged episodes (CartPole pays 1 per step)
     assert all(r == n for r, n in episodes) and len(episodes) == dones.sum()
@@ -89,14 +89,15 @@ def test_autoreset_step_is_marked_invalid_in_a_real_rollout():
 
 
 def fake_rollout(seed=0, T=16, N=3):
-    g = torch.Generator().manual_seed(seed)
-    dones = (torch.rand(T, N, generator=g) < 0.15).float()
-    valid = torch.ones(T, N)
+    rng = np.random.default_rng(seed)
+    dones = (rng.random((T, N)) < 0.15).astype(np.float32)
+    valid = np.ones((T, N), dtype=np.float32)
     valid[1:] = 1 - dones[:-1]
-    return {"obs": torch.randn(T, N, 4, generator=g), "actions": torch.randint(0, 2, (T, N), generator=g).float(),
-            "log_probs": torch.full((T, N), math.log(0.5)), "values": torch.randn(T, N, generator=g),
-            "rewards": torch.rand(T, N, generator=g), "terminations": dones, "dones": dones, "valid": valid,
-            "next_value": torch.randn(N, generator=g)}
+    f32 = lambda x: np.asarray(x, dtype=np.float32)  # noqa: E731
+    return {"obs": f32(rng.normal(size=(T, N, 4))), "actions": f32(rng.integers(0, 2, (T, N))),
+            "log_probs": f32(np.full((T, N), math.log(0.5))), "values": f32(rng.normal(size=(T, N))),
+            "rewards": f32(rng.random((T, N))), "terminations": dones, "dones": dones, "valid": valid,
+            "next_value": f32(rng.normal(size=N))}
 
 
 def update_result(b):
@@ -112,13 +113,13 @@ def test_autoreset_step_does_not_change_the_update():
     b = fake_rollout()
     boundary = b["valid"] == 0
     assert boundary.any()
-    perturbed = {k: v.clone() for k, v in b.items()}
+    perturbed = {k: v.copy() for k, v in b.items()}
     perturbed["actions"][boundary] = 1 - perturbed["actions"][boundary]  # the ignored action
     perturbed["rewards"][boundary] += 100.0  # gymnasium pays 0 there, but whatever it is must not matter
     perturbed["log_probs"][boundary] = -5.0
     torch.testing.assert_close(update_result(b), update_result(perturbed), rtol=0, atol=0)
-    control = {k: v.clone() for k, v in b.items()}
-    control["rewards"][~boundary] += 1.0 * torch.arange((~boundary).sum())  # a real step does matter
+    control = {k: v.copy() for k, v in b.items()}
+    control["rewards"][~boundary] += np.arange((~boundary).sum())  # a real step does matter
     assert not torch.equal(update_result(b), update_result(control))
 
 
@@ -170,12 +171,19 @@ def test_agent_samples_follow_its_own_log_probs():
     agent = Agent(3, 2, continuous=True, init_log_std=-1.0)
     obs = torch.randn(1, 3).expand(20000, 3)
     with torch.no_grad():
-        action, log_prob, _, _ = agent.get_action_and_value(obs)
-        mode = agent.get_action_and_value(obs[:1], deterministic=True)[0]
+        action, mode = agent.act(obs), agent.act(obs[:1], deterministic=True)
+        log_prob, _, _ = agent.evaluate_actions(obs, action)
     torch.testing.assert_close(action.mean(0), mode[0], atol=0.01, rtol=0)
     torch.testing.assert_close(action.std(0), torch.full((2,), math.exp(-1.0)), atol=0.01, rtol=0)
-    reference = torch.distributions.Normal(mode, math.exp(-1.0)).log_prob(action).sum(-1)
-    torch.testing.assert_close(log_prob, reference)
+    torch.testing.assert_close(log_prob, torch.distributions.Normal(mode, math.exp(-1.0)).log_prob(action).sum(-1))
+    agent = Agent(3, 4, continuous=False)
+    torch.nn.init.normal_(agent.actor[-1].weight, std=1.0)  # a policy far from uniform
+    with torch.no_grad():
+        action, mode = agent.act(obs), agent.act(obs[:1], deterministic=True)
+        log_prob, _, _ = agent.evaluate_actions(obs[:4], torch.arange(4))  # all actions in state s
+    frequencies = torch.bincount(action, minlength=4) / len(action)
+    torch.testing.assert_close(frequencies, log_prob.exp(), atol=0.01, rtol=0)  # Gumbel-max samples pi(.|s)
+    assert mode.item() == log_prob.argmax().item()
 
 
 def test_running_observation_statistics_match_numpy():

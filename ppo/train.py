@@ -121,7 +121,7 @@ def set_env_state(envs, states, prev_done):
 
 
 def rollout(envs, agent, state, num_steps, reward_scale, device):
-    """Run the policy for num_steps steps in every environment; returns (T, N) tensors and finished episodes.
+    """Run the policy for num_steps steps in every environment; returns (T, N) arrays and finished episodes.
 
     `state` carries what survives between rollouts: the current observation, which environments ended their
     episode on the previous step, and the return and length of the episodes in progress. gymnasium 1.x vector
@@ -130,16 +130,13 @@ def rollout(envs, agent, state, num_steps, reward_scale, device):
     is marked valid = 0 here and left out of the update.
     """
     T, N = num_steps, envs.num_envs
-    b = {k: np.zeros((T, N), dtype=np.float32) for k in ["log_probs", "values", "rewards", "terminations",
-                                                          "dones", "valid"]}
+    b = {k: np.zeros((T, N), dtype=np.float32) for k in ["rewards", "terminations", "dones", "valid"]}
     b["obs"] = np.zeros((T, N) + envs.single_observation_space.shape, dtype=np.float32)
     b["actions"] = np.zeros((T, N) + envs.single_action_space.shape, dtype=np.float32)
     episodes = []  # (return, length) of each episode that ended in this rollout
     for t in range(T):
         with torch.no_grad():
-            obs = torch.as_tensor(state["obs"], dtype=torch.float32, device=device)
-            action, log_prob, _, value = agent.get_action_and_value(obs)
-        action = action.cpu().numpy()
+            action = agent.act(torch.as_tensor(state["obs"], dtype=torch.float32, device=device)).cpu().numpy()
         # the Gaussian is unbounded: clip what the environment sees, learn from the sampled action
         env_action = np.clip(action, envs.single_action_space.low, envs.single_action_space.high) \
             if agent.continuous else action
@@ -147,7 +144,6 @@ def rollout(envs, agent, state, num_steps, reward_scale, device):
         valid = ~state["prev_done"]
         done = terminated | truncated
         b["obs"][t], b["actions"][t], b["valid"][t] = state["obs"], action, valid
-        b["log_probs"][t], b["values"][t] = log_prob.cpu().numpy(), value.cpu().numpy()
         b["rewards"][t], b["terminations"][t], b["dones"][t] = reward * reward_scale, terminated, done
         state["episode_return"] += reward * valid  # raw rewards: what the task scores
         state["episode_length"] += valid
@@ -155,16 +151,23 @@ def rollout(envs, agent, state, num_steps, reward_scale, device):
             episodes.append((float(state["episode_return"][i]), int(state["episode_length"][i])))
             state["episode_return"][i], state["episode_length"][i] = 0.0, 0
         state["obs"], state["prev_done"] = next_obs, done
-    b = {k: torch.from_numpy(v).to(device) for k, v in b.items()}
+    # theta_old is fixed during the rollout, so its log-probabilities and values are computed in one batched call
     with torch.no_grad():
-        b["next_value"] = agent.get_value(torch.as_tensor(state["obs"], dtype=torch.float32, device=device))
+        log_probs, _, values = agent.evaluate_actions(torch.from_numpy(b["obs"]).flatten(0, 1).to(device),
+                                                      torch.from_numpy(b["actions"]).flatten(0, 1).to(device))
+        next_value = agent.get_value(torch.as_tensor(state["obs"], dtype=torch.float32, device=device))
+    b["log_probs"], b["values"] = log_probs.view(T, N).cpu().numpy(), values.view(T, N).cpu().numpy()
+    b["next_value"] = next_value.cpu().numpy()
     return b, episodes
 
 
 def ppo_update(agent, optimizer, b, args):
     """update_epochs passes of shuffled minibatches over the valid steps of one rollout (Algorithm 1)."""
     advantages, returns = gae(b["rewards"], b["values"], b["next_value"], b["terminations"], b["dones"],
-                              args.gamma, args.gae_lambda)
+                              args.gamma, args.gae_lambda)  # in NumPy: a loop of tiny operations, faster there
+    device = next(agent.parameters()).device
+    b = {k: torch.from_numpy(b[k]).to(device) for k in ["obs", "actions", "log_probs", "values", "valid"]}
+    advantages, returns = torch.from_numpy(advantages).to(device), torch.from_numpy(returns).to(device)
     keep = b["valid"].flatten().bool()  # drop the autoreset steps: not transitions of the MDP
     obs, actions = b["obs"].flatten(0, 1)[keep], b["actions"].flatten(0, 1)[keep]
     log_probs, values = b["log_probs"].flatten()[keep], b["values"].flatten()[keep]
@@ -173,7 +176,7 @@ def ppo_update(agent, optimizer, b, args):
     minibatch_size = -(-n // args.num_minibatches)
     for _ in range(args.update_epochs):
         for mb in torch.randperm(n, device=obs.device).split(minibatch_size):
-            _, new_log_prob, entropy, new_value = agent.get_action_and_value(obs[mb], actions[mb])
+            new_log_prob, entropy, new_value = agent.evaluate_actions(obs[mb], actions[mb])
             mb_adv = advantages[mb]
             if len(mb) > 1:  # advantage normalization per minibatch
                 mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
@@ -251,7 +254,7 @@ def main(argv=None):
         np.random.set_state(tuple(ckpt["rng"]["numpy"]))
         torch.set_rng_state(ckpt["rng"]["torch"])
     if args.compile:  # compile the hot method in place: the state_dict keeps its plain names
-        agent.get_action_and_value = torch.compile(agent.get_action_and_value)
+        agent.act, agent.evaluate_actions = torch.compile(agent.act), torch.compile(agent.evaluate_actions)
 
     os.makedirs(args.out_dir, exist_ok=True)
     metrics_path, episodes_path = os.path.join(args.out_dir, "metrics.csv"), os.path.join(args.out_dir, "episodes.csv")
@@ -279,7 +282,7 @@ def main(argv=None):
         step += batch_size
         stats = ppo_update(agent, optimizer, b, args)
         if agent.norm_obs:  # statistics change between rollouts only, so old and new log-probs see the same inputs
-            agent.update_obs_stats(b["obs"].flatten(0, 1))
+            agent.update_obs_stats(torch.from_numpy(b["obs"]).flatten(0, 1).to(device))
 
         sps = (step - start_step) / (time.time() - start_time)
         ep_return = np.mean([r for r, _ in episodes]) if episodes else float("nan")
