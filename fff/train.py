@@ -39,14 +39,14 @@ def get_parser():
     p.add_argument("--node-width", type=int, default=32, help="hidden width of each FFF node network")
     p.add_argument("--ff-width", type=int, default=None,
                    help="hidden width of the dense baseline (default: the FFF's training width 2^depth * leaf-width)")
-    p.add_argument("--hardening", type=float, default=3.0, help="scale h of the hardening (node entropy) loss")
-    p.add_argument("--harden-from", type=float, default=0.5,
+    p.add_argument("--hardening", type=float, default=1.0, help="scale h of the hardening (node entropy) loss")
+    p.add_argument("--harden-from", type=float, default=0.2,
                    help="fraction of training after which the hardening loss is switched on (its schedule)")
     p.add_argument("--transposition-prob", type=float, default=0.0,
                    help="probability of swapping a node's children while training (against overfragmentation)")
     p.add_argument("--epochs", type=int, default=10, help="passes over the training set")
     p.add_argument("--batch-size", type=int, default=256, help="training batch size")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (cosine-decayed to 0)")
+    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (cosine-decayed to 0)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to train")
     p.add_argument("--seed", type=int, default=0, help="seed for Python, NumPy and torch")
     p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "data"), help="dataset root (default $DATA_DIR or ./data)")
