@@ -198,8 +198,11 @@ def plot_learning_curve(episodes_csv, path, env_id):
         rows = list(csv.DictReader(f))
     steps = np.array([int(r["step"]) for r in rows])
     returns = np.array([float(r["return"]) for r in rows])
+    if len(returns) == 0:
+        print(f"no episode finished: no learning curve written to {path}")
+        return
     window = min(20, len(returns))
-    smooth = np.convolve(returns, np.ones(window) / window, mode="valid") if window else returns
+    smooth = np.convolve(returns, np.ones(window) / window, mode="valid")
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot(steps, returns, ".", ms=2, alpha=0.3, color="tab:blue", label="episode")
     ax.plot(steps[window - 1:], smooth, color="tab:blue", label=f"mean of last {window}")
@@ -212,6 +215,7 @@ def plot_learning_curve(episodes_csv, path, env_id):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+    print(f"wrote {path}")
 
 
 def main(argv=None):
@@ -253,7 +257,7 @@ def main(argv=None):
         random.setstate(ckpt["rng"]["python"])
         np.random.set_state(tuple(ckpt["rng"]["numpy"]))
         torch.set_rng_state(ckpt["rng"]["torch"])
-    if args.compile:  # compile the hot method in place: the state_dict keeps its plain names
+    if args.compile:  # compile the two hot methods in place: the state_dict keeps its plain names
         agent.act, agent.evaluate_actions = torch.compile(agent.act), torch.compile(agent.evaluate_actions)
 
     os.makedirs(args.out_dir, exist_ok=True)
@@ -314,7 +318,6 @@ def main(argv=None):
           f"saved {path}")
     if args.plot:
         plot_learning_curve(episodes_path, args.plot, args.env_id)
-        print(f"wrote {args.plot}")
     returns = np.array([])
     if args.eval_episodes > 0:
         returns = evaluate(agent, args.env_id, args.eval_episodes, seed=args.seed + 10_000, device=device)
