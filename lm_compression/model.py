@@ -286,14 +286,14 @@ def chunk_groups(n, chunk_size, batch_size):
     return [chunks[i:i + batch_size] for i in range(0, len(chunks), batch_size)]
 
 
-def _device(lm):
+def device_of(lm):
     return next(lm.parameters()).device
 
 
 @torch.no_grad()
 def encode(lm, tokens, chunk_size=2048, batch_size=64):
     """tokens: list of ints < lm.vocab_size -> the arithmetic code (bytes)."""
-    device, coder = _device(lm), ArithmeticEncoder()
+    device, coder = device_of(lm), ArithmeticEncoder()
     for group in chunk_groups(len(tokens), chunk_size, batch_size):
         steps = max(e - s for s, e in group)
         rows = torch.zeros(len(group), steps, dtype=torch.long)  # symbols, 0-padded past a chunk's end
@@ -316,7 +316,7 @@ def encode(lm, tokens, chunk_size=2048, batch_size=64):
 @torch.no_grad()
 def decode(lm, data, n, chunk_size=2048, batch_size=64):
     """The inverse of `encode`: replays its computation, feeding back the decoded symbols."""
-    device, coder, out = _device(lm), ArithmeticDecoder(data), [0] * n
+    device, coder, out = device_of(lm), ArithmeticDecoder(data), [0] * n
     for group in chunk_groups(n, chunk_size, batch_size):
         steps = max(e - s for s, e in group)
         stepper = Stepper(lm, len(group), device)
@@ -335,7 +335,7 @@ def decode(lm, data, n, chunk_size=2048, batch_size=64):
 @torch.no_grad()
 def code_length_bits(lm, tokens, chunk_size=2048, batch_size=64):
     """sum_t -log2 q(x_t) under the quantised frequencies q, computed without the coder."""
-    device, total = _device(lm), 0.0
+    device, total = device_of(lm), 0.0
     for group in chunk_groups(len(tokens), chunk_size, batch_size):
         steps = max(e - s for s, e in group)
         rows = torch.zeros(len(group), steps, dtype=torch.long)

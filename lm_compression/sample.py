@@ -144,7 +144,7 @@ def unpack(blob):
 
 def compress(data, lm, tokenizer, model_id, chunk_size=2048, batch_size=64):
     tokens = tokenizer.encode(data)
-    settings = {"device": lm_model._device(lm).type, "threads": torch.get_num_threads(),
+    settings = {"device": lm_model.device_of(lm).type, "threads": torch.get_num_threads(),
                 "chunk_size": chunk_size, "batch_size": batch_size, "window": lm.block_size}
     payload = lm_model.encode(lm, tokens, chunk_size, batch_size)
     return pack(model_id, lm_model.weights_hash(lm), settings, len(tokens), data, payload)
@@ -156,7 +156,7 @@ def decompress(blob, lm, tokenizer, model_id):
         raise CompressionError(f"this file was compressed with a different model ({h['model_id']}, weights "
                                f"sha256 {h['weights'].hex()[:12]}...), not {model_id}")
     s = h["settings"]
-    if s["device"] != lm_model._device(lm).type:
+    if s["device"] != lm_model.device_of(lm).type:
         raise CompressionError(f"this file was compressed on {s['device']}; decompress with --device {s['device']}")
     if s["window"] != lm.block_size:
         raise CompressionError(f"this file was compressed with --window {s['window']}; pass the same")
