@@ -135,7 +135,7 @@ class GATConv(nn.Module):
         score_src = (h * self.att_src).sum(-1)                                 # (N, H)
         score_dst = (h * self.att_dst).sum(-1)                                 # (N, H)
         logits = F.leaky_relu(score_src.index_select(0, src) + score_dst.index_select(0, dst),
-                              self.negative_slope)                                    # (E, H), Eq. 3
+                              self.negative_slope)                     # (E, H), Eq. 3
         alpha = scatter_softmax(logits, dst, num_nodes)                        # (E, H), Eq. 2
         attention = alpha
         alpha = F.dropout(alpha, self.dropout, self.training)                 # dropout on alpha, Sec. 3.3

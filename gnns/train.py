@@ -172,8 +172,10 @@ class MetricsLog:
 
     FIELDS = ["epoch", "step", "train_loss", "val_loss", "val_acc", "test_acc", "seconds"]
 
-    def __init__(self, out_dir, history, wandb_run):
+    def __init__(self, out_dir, history, wandb_run, resume):
         self.path, self.history, self.wandb_run = Path(out_dir) / "metrics.csv", history, wandb_run
+        if not resume and self.path.exists():
+            self.path.unlink()  # a new run in an old folder starts a new file
 
     def log(self, **row):
         new = not self.path.exists()
@@ -209,7 +211,7 @@ def train_citation(args, data, device, out_dir, wandb_run):
     forward = torch.compile(model) if args.compile else model
     x, y, edge_index = data["x"].to(device), data["y"].to(device), data["edge_index"].to(device)
     train, val, test = (data[k].to(device) for k in ["train", "val", "test"])
-    log = MetricsLog(out_dir, state["history"], wandb_run)
+    log = MetricsLog(out_dir, state["history"], wandb_run, args.resume)
     start = time.time()
     epochs = tqdm(range(state["epoch"], args.epochs), desc=f"{args.task} {args.model} seed {args.seed}",
                   leave=False, disable=args.runs > 1)
@@ -297,7 +299,7 @@ def train_images(args, device, out_dir, wandb_run):
     forward = torch.compile(model) if args.compile else model
     full_edges, full_batch = block_diagonal(edge_index, height * width, args.batch_size)
     full_edges, full_batch = full_edges.to(device), full_batch.to(device)
-    log = MetricsLog(out_dir, state["history"], wandb_run)
+    log = MetricsLog(out_dir, state["history"], wandb_run, args.resume)
     steps_per_epoch = math.ceil(len(train_x) / args.batch_size)
     start, out_of_time, test_acc = time.time(), False, None
 
