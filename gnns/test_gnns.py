@@ -369,6 +369,15 @@ def test_checkpoint_errors_are_one_line(tmp_path):
         assert message in str(excinfo.value) and "\n" not in str(excinfo.value)
 
 
+def test_resuming_another_task_is_a_one_line_error(tmp_path):
+    write_fake_planetoid(tmp_path / "data")
+    common = ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run"), "--epochs", "2"]
+    train.main(["--task", "cora", *common])
+    with pytest.raises(SystemExit) as excinfo:
+        train.main(["--task", "cora", "--model", "gat", *common, "--resume", str(tmp_path / "run" / "ckpt.pt")])
+    assert "resume it with the same --task" in str(excinfo.value) and "\n" not in str(excinfo.value)
+
+
 def test_bad_flags_are_parser_errors(capsys):
     for argv in [["--dropout", "1.5"], ["--epochs", "0"], ["--task", "mnist", "--model", "gat", "--hidden", "10"],
                  ["--runs", "2", "--resume", "x.pt"]]:

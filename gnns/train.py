@@ -135,6 +135,19 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
+def resume(args, model, optimizer, device):
+    """Load model, optimizer and RNG states from --resume; return the loop's saved state."""
+    ckpt = load_checkpoint(args.resume, device)
+    config = ckpt.get("config", {})
+    if (config.get("task"), config.get("model"), config.get("hidden")) != (args.task, args.model, args.hidden):
+        sys.exit(f"error: {args.resume} is a {config.get('model')} on {config.get('task')} with hidden "
+                 f"{config.get('hidden')}; resume it with the same --task, --model and --hidden")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    set_rng_state(ckpt["rng"])
+    return ckpt["train_state"]
+
+
 def build_model(model_args):
     """The network a checkpoint's "model_args" describes (sample.py rebuilds models with this too)."""
     kind = model_args["kind"]
@@ -203,11 +216,7 @@ def train_citation(args, data, device, out_dir, wandb_run):
     state = dict(epoch=0, best_val_acc=0.0, best_val_loss=math.inf, bad_epochs=0,
                  best_model={k: v.clone() for k, v in model.state_dict().items()}, history=[])
     if args.resume:
-        ckpt = load_checkpoint(args.resume, device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state = ckpt["train_state"]
-        set_rng_state(ckpt["rng"])
+        state = resume(args, model, optimizer, device)
     forward = torch.compile(model) if args.compile else model
     x, y, edge_index = data["x"].to(device), data["y"].to(device), data["edge_index"].to(device)
     train, val, test = (data[k].to(device) for k in ["train", "val", "test"])
@@ -291,11 +300,7 @@ def train_images(args, device, out_dir, wandb_run):
     optimizer = make_optimizer(model, args)
     state = dict(epoch=0, batch_in_epoch=0, step=0, history=[])
     if args.resume:
-        ckpt = load_checkpoint(args.resume, device)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        state = ckpt["train_state"]
-        set_rng_state(ckpt["rng"])
+        state = resume(args, model, optimizer, device)
     forward = torch.compile(model) if args.compile else model
     full_edges, full_batch = block_diagonal(edge_index, height * width, args.batch_size)
     full_edges, full_batch = full_edges.to(device), full_batch.to(device)
