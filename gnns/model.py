@@ -220,7 +220,9 @@ class NodeClassifier(nn.Module):
 
 class GraphClassifier(nn.Module):
     """For whole graphs (MNIST digits as pixel graphs): a linear embedding of the node features, `layers`
-    residual GCN/GAT layers, a mean or max readout per graph, and a two-layer MLP to class logits."""
+    residual GCN/GAT layers, a mean or max readout per graph, and a two-layer MLP to class logits.
+    The MLP starts with a BatchNorm: most of a pixel graph's pooled vector comes from the coordinate features,
+    the same in every image, and without it our networks learned only the label frequencies."""
 
     def __init__(self, model, in_features, hidden, num_classes, layers=4, heads=4, dropout=0.0,
                  attention_dropout=0.0, readout="mean"):
@@ -234,7 +236,8 @@ class GraphClassifier(nn.Module):
             GATConv(hidden, hidden // heads, heads, concat=True, dropout=attention_dropout)
             for _ in range(layers))
         self.norms = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(layers))
-        self.head = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+        self.head = nn.Sequential(nn.BatchNorm1d(hidden), nn.Linear(hidden, hidden), nn.ReLU(),
+                                  nn.Linear(hidden, num_classes))
 
     def forward(self, x, edge_index, batch, num_graphs):
         """x: (N, in) nodes of a block-diagonal batch, batch: (N,) graph ids -> (num_graphs, classes)."""

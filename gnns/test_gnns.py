@@ -380,7 +380,7 @@ def test_resuming_another_task_is_a_one_line_error(tmp_path):
 
 def test_bad_flags_are_parser_errors(capsys):
     for argv in [["--dropout", "1.5"], ["--epochs", "0"], ["--task", "mnist", "--model", "gat", "--hidden", "10"],
-                 ["--runs", "2", "--resume", "x.pt"]]:
+                 ["--runs", "2", "--resume", "x.pt"], ["--task", "mnist", "--batch-size", "1"]]:
         with pytest.raises(SystemExit) as excinfo:
             train.get_args(argv)
         assert excinfo.value.code == 2 and "error:" in capsys.readouterr().err

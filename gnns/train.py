@@ -96,6 +96,8 @@ def get_args(argv=None):
         p.error("--lr must be > 0")
     if family == "images" and args.model == "gat" and args.hidden % args.heads:
         p.error(f"--hidden ({args.hidden}) must be a multiple of --heads ({args.heads}) for image graphs")
+    if family == "images" and args.batch_size < 2:
+        p.error("--batch-size must be >= 2 for image graphs (the classifier's BatchNorm needs 2 graphs)")
     if args.resume and args.runs > 1:
         p.error("--resume continues one run: use it with --runs 1")
     return args
@@ -305,7 +307,7 @@ def train_images(args, device, out_dir, wandb_run):
     full_edges, full_batch = block_diagonal(edge_index, height * width, args.batch_size)
     full_edges, full_batch = full_edges.to(device), full_batch.to(device)
     log = MetricsLog(out_dir, state["history"], wandb_run, args.resume)
-    steps_per_epoch = math.ceil(len(train_x) / args.batch_size)
+    steps_per_epoch = max(1, len(train_x) // args.batch_size)  # the last incomplete batch is dropped
     start, out_of_time, test_acc = time.time(), False, None
 
     def save():
