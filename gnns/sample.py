@@ -18,7 +18,7 @@ from matplotlib.collections import LineCollection  # noqa: E402
 
 from gnns_data import CITATION, grid_graph, load_images, load_planetoid, pixel_features  # noqa: E402
 from model import prepare_edges  # noqa: E402
-from train import build_model, evaluate_images, load_checkpoint, pick_device  # noqa: E402
+from train import build_model, evaluate_images, load_checkpoint, load_weights, pick_device  # noqa: E402
 
 IMAGES_DIR = Path(__file__).resolve().parent.parent / "images"
 
@@ -44,19 +44,19 @@ def get_args(argv=None):
     return args
 
 
-def evaluate(ckpt, args, device):
+def evaluate(ckpt, path, args, device):
     """Test accuracy of a checkpoint's model, from the checkpoint alone (plus the dataset)."""
     config = ckpt["config"]
     model = build_model(ckpt["model_args"]).to(device)
     if config["task"] in CITATION:
         data = load_planetoid(args.data_dir, config["task"])
-        model.load_state_dict(ckpt["train_state"]["best_model"])  # the early-stopping weights that were tested
+        load_weights(model, ckpt["train_state"]["best_model"], path)  # the early-stopping weights that were tested
         model.eval()
         with torch.no_grad():
             logits = model(data["x"].to(device), data["edge_index"].to(device))
         test = data["test"].to(device)
         return (logits[test].argmax(1) == data["y"].to(device)[test]).float().mean().item()
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], path)
     images, labels = load_images(args.data_dir, config["task"], train=False)
     if args.limit:
         images, labels = images[:args.limit], labels[:args.limit]
@@ -64,10 +64,10 @@ def evaluate(ckpt, args, device):
     return evaluate_images(model, images, labels, edge_index, device)
 
 
-def draw_attention(ckpt, args, path):
+def draw_attention(ckpt, ckpt_path, args, path):
     """One test digit as its pixel graph; every edge j -> i coloured by alpha_ij of one head of one GAT layer."""
     model = build_model(ckpt["model_args"])
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], ckpt_path)
     model.eval()
     images, labels = load_images(args.data_dir, ckpt["config"]["task"], train=False)
     if args.index >= len(images):
@@ -137,7 +137,7 @@ def main(argv=None):
     if args.eval:
         for path, ckpt in zip(args.checkpoints, ckpts):
             print(f"{path}: {ckpt['config']['task']} {ckpt['config']['model']}: "
-                  f"test accuracy {evaluate(ckpt, args, device):.4f}")
+                  f"test accuracy {evaluate(ckpt, path, args, device):.4f}")
     if args.attention:
         ckpt = ckpts[0]
         if ckpt["model_args"]["kind"] != "graph" or ckpt["config"]["model"] != "gat":
@@ -146,7 +146,7 @@ def main(argv=None):
         if args.layer >= ckpt["model_args"]["layers"] or args.head >= ckpt["model_args"]["heads"]:
             sys.exit(f"error: the model has {ckpt['model_args']['layers']} layers and {ckpt['model_args']['heads']} heads")
         images_dir.mkdir(parents=True, exist_ok=True)
-        draw_attention(ckpt, args, images_dir / "gnns_attention.png")
+        draw_attention(ckpt, args.checkpoints[0], args, images_dir / "gnns_attention.png")
         print(f"wrote {images_dir / 'gnns_attention.png'}")
     if args.training:
         images_dir.mkdir(parents=True, exist_ok=True)

@@ -144,7 +144,7 @@ def resume(args, model, optimizer, device):
     if (config.get("task"), config.get("model"), config.get("hidden")) != (args.task, args.model, args.hidden):
         sys.exit(f"error: {args.resume} is a {config.get('model')} on {config.get('task')} with hidden "
                  f"{config.get('hidden')}; resume it with the same --task, --model and --hidden")
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], args.resume)
     optimizer.load_state_dict(ckpt["optimizer"])
     set_rng_state(ckpt["rng"])
     return ckpt["train_state"]
@@ -155,6 +155,15 @@ def build_model(model_args):
     kind = model_args["kind"]
     kwargs = {k: v for k, v in model_args.items() if k != "kind"}
     return NodeClassifier(**kwargs) if kind == "node" else GraphClassifier(**kwargs)
+
+
+def load_weights(model, state_dict, path):
+    """load_state_dict, or a one-line exit when the checkpoint was written by another version of model.py."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError:
+        sys.exit(f"error: the weights in {path} do not fit this version of model.py (retrain, or use the code "
+                 f"that wrote them)")
 
 
 def pick_device(name):
