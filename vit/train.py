@@ -242,7 +242,7 @@ def main(argv=None):
     resume = None
     if args.resume:  # the run continues with the configuration it was started with
         resume = load_checkpoint(args.resume)
-        keep = {k: getattr(args, k) for k in ["resume", "device", "out_dir", "wandb", "compile"]}
+        keep = {k: getattr(args, k) for k in ["resume", "device", "out_dir", "wandb", "compile", "threads"]}
         args = argparse.Namespace(**{**resume["config"], **keep})
 
     # device, DDP, seeds
