@@ -22,6 +22,7 @@ torch.set_num_threads(1)  # tiny models: one thread is as fast, and robust on a 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--dim", "16", "--depth", "1", "--num-heads", "2", "--mlp-dim", "32", "--patch-size", "7",
         "--batch-size", "32", "--lr", "3e-3", "--warmup-epochs", "0", "--device", "cpu"]
+RANDOM = ["--dropout", "0.05"]  # so that resuming must restore the random generator
 
 
 # ----------------------------------------------------------------------------- fake datasets
@@ -82,7 +83,7 @@ def mnist_run(tmp_path_factory):
 
     train.save_checkpoint = save_and_keep
     try:
-        best = train.main(["--data-dir", str(data), "--out-dir", str(root / "out"), "--epochs", "3", *TINY])
+        best = train.main(["--data-dir", str(data), "--out-dir", str(root / "out"), "--epochs", "3", *TINY, *RANDOM])
     finally:
         train.save_checkpoint = saved
     return data, root / "out", best
@@ -225,8 +226,8 @@ def test_training_loss_falls_and_test_accuracy_rises(mnist_run):
     _, out_dir, best = mnist_run
     rows = read_metrics(out_dir)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
-    assert float(rows[-1]["train_loss"]) < 0.7 * float(rows[0]["train_loss"])
-    assert best > 0.5  # chance is 0.1
+    assert float(rows[-1]["train_loss"]) < 0.8 * float(rows[0]["train_loss"])
+    assert best > 0.4  # chance is 0.1
 
 
 def test_sample_eval_gives_the_accuracy_training_reported(mnist_run, tmp_path, capsys):
@@ -241,17 +242,20 @@ def test_sample_eval_gives_the_accuracy_training_reported(mnist_run, tmp_path, c
     assert (tmp_path / "p.png").stat().st_size > 1000 and (tmp_path / "a.png").stat().st_size > 1000
 
 
-def test_same_seed_gives_the_same_run_and_resume_continues_exactly(mnist_run, tmp_path):
+def test_the_same_seed_gives_the_same_weights(mnist_run, tmp_path):
     data, out_dir, _ = mnist_run
-    flags = ["--data-dir", str(data), "--epochs", "3", *TINY]
-    train.main([*flags, "--out-dir", str(tmp_path / "again")])
+    train.main(["--data-dir", str(data), "--epochs", "3", *TINY, *RANDOM, "--out-dir", str(tmp_path)])
     for key, value in state(out_dir / "last.pt").items():
-        assert torch.equal(value, state(tmp_path / "again" / "last.pt")[key]), key
-    train.main(["--resume", str(out_dir / "epoch1.pt"), "--out-dir", str(tmp_path / "resumed"), "--device", "cpu"])
+        assert torch.equal(value, state(tmp_path / "last.pt")[key]), key
+
+
+def test_resume_after_epoch_one_continues_exactly(mnist_run, tmp_path):
+    _, out_dir, _ = mnist_run
+    train.main(["--resume", str(out_dir / "epoch1.pt"), "--out-dir", str(tmp_path), "--device", "cpu"])
     for key, value in state(out_dir / "last.pt").items():
-        assert torch.equal(value, state(tmp_path / "resumed" / "last.pt")[key]), key
+        assert torch.equal(value, state(tmp_path / "last.pt")[key]), key
     columns = ["epoch", "step", "train_loss", "test_loss", "test_accuracy"]
-    assert [[r[c] for c in columns] for r in read_metrics(tmp_path / "resumed")] == \
+    assert [[r[c] for c in columns] for r in read_metrics(tmp_path)] == \
            [[r[c] for c in columns] for r in read_metrics(out_dir)]
 
 
