@@ -152,7 +152,7 @@ class GPT(nn.Module):
         # the fused kernel does the whole update in one pass over memory (CUDA, and CPU since torch 2.4)
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ("cuda", "cpu"))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, use_cache=True, generator=None):
         """Yield (B, 1) new character ids one at a time, continuing the (B, T) prompts idx.
 

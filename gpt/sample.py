@@ -19,7 +19,7 @@ from train import load_checkpoint, pick_device
 
 IMAGES = Path(__file__).resolve().parent.parent / "images"
 # nanoGPT's CPU "baby" config (4 layers, 4 heads, 128 wide, block 64, batch 12) measured on our 2-core machine
-# (issue 4): validation loss after 86 s and after 8 minutes. Drawn as reference points on the loss plot.
+# when it was quiet (issue 4): validation loss after 86 s and after 8 minutes. Reference points on the loss plot.
 NANOGPT_BABY_CPU = [(86, 1.886), (480, 1.499)]
 
 
@@ -78,7 +78,7 @@ def plot_runs(run_dirs, out):
         seconds = [float(r["train_seconds"]) for r in rows]
         line, = ax.plot(seconds, [float(r["val_loss"]) for r in rows], label=f"{Path(run_dir).name} val")
         ax.plot(seconds, [float(r["train_loss"]) for r in rows], ":", color=line.get_color(), label=f"{Path(run_dir).name} train")
-    ax.plot(*zip(*NANOGPT_BABY_CPU), "k*", markersize=10, label="nanoGPT baby config, val (same machine)")
+    ax.plot(*zip(*NANOGPT_BABY_CPU), "k*", markersize=10, label="nanoGPT baby config, val (issue 4, quiet machine)")
     ax.set(xlabel="training seconds (evaluation excluded)", ylabel="loss (nats / character)", ylim=(1.0, 3.0))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
