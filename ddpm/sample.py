@@ -186,7 +186,7 @@ def main(argv=None):
     ema.eval()
     diffusion = Diffusion(T, config["schedule"]).to(device)
     shape = (in_channels, image_size, image_size)
-    name = f"{args.sampler.upper()}-{args.steps} eta={args.eta:g} w={args.guidance:g}"
+    name = f"{args.sampler.upper()}-{args.steps}" + (f" eta={args.eta:g}" if args.sampler == "ddim" else "") + f" w={args.guidance:g}"
 
     classes = list(range(NUM_CLASSES)) if args.digit is None else [args.digit]
     if args.evaluate:  # evenly over the requested classes: 0, 1, ..., 9, 0, 1, ...
@@ -233,7 +233,7 @@ def main(argv=None):
         print(f"wrote {out}")
     if args.gif:
         gif = IMAGES / f"ddpm_{args.sampler}.gif" if args.gif == "auto" else Path(args.gif)
-        write_gif(snapshots, gif, nrow)
+        write_gif([x[:nrow] for x in snapshots], gif, nrow)  # the first row only: keeps the GIF small
         print(f"wrote {gif}")
 
 
