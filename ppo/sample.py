@@ -16,7 +16,6 @@ from PIL import Image
 from model import Agent
 
 IMAGES = Path(__file__).resolve().parent.parent / "images"
-os.environ.setdefault("SDL_AUDIODRIVER", "dummy")  # pygame draws off-screen frames; it needs no sound device
 
 
 def get_device(name):

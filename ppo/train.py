@@ -1,6 +1,6 @@
 """Train PPO (Schulman et al., 2017) on a gymnasium classic-control task. The defaults solve CartPole-v1.
 
-    python train.py                                        # CartPole-v1, 100k steps, ~15 s on a laptop CPU
+    python train.py                                        # CartPole-v1, 100k steps, 15-20 s on a 2-core CPU
     python train.py --env-id Acrobot-v1 --total-steps 300000
     python train.py --env-id Pendulum-v1 ...                # continuous actions: see README.md for the flags
 
