@@ -199,7 +199,7 @@ def main(argv=None):
     _, _, in_channels, image_size = DATASETS[args.dataset]
 
     # ---- model, EMA, optimizer
-    config = {k: v for k, v in vars(args).items()}
+    config = dict(vars(args))  # plain data: stored in the checkpoint, sample.py rebuilds the model from it
     model = build_model(config, in_channels, image_size, NUM_CLASSES).to(device)
     ema = ema_copy(model)
     diffusion = Diffusion(args.T, args.schedule).to(device)
