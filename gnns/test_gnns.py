@@ -299,15 +299,21 @@ def test_citation_training_learns_and_same_seed_gives_same_run(tmp_path, capsys)
     assert f"test accuracy {runs[0]['test_acc']:.4f}" in capsys.readouterr().out
 
 
-def test_citation_resume_continues_exactly(tmp_path):
-    write_fake_planetoid(tmp_path / "data")
-    common = ["--task", "cora", "--patience", "1000", "--data-dir", str(tmp_path / "data")]
-    train.main([*common, "--epochs", "8", "--out-dir", str(tmp_path / "full")])
-    train.main([*common, "--epochs", "4", "--out-dir", str(tmp_path / "half")])
-    train.main([*common, "--epochs", "8", "--out-dir", str(tmp_path / "half"), "--resume", str(tmp_path / "half" / "ckpt.pt")])
+def train_whole_and_in_halves(tmp_path, common, epochs):
+    """Train for `epochs` in one run, and for half of them then --resume to the end: both checkpoints."""
+    train.main([*common, "--epochs", str(epochs), "--out-dir", str(tmp_path / "full")])
+    train.main([*common, "--epochs", str(epochs // 2), "--out-dir", str(tmp_path / "half")])
+    train.main([*common, "--epochs", str(epochs), "--out-dir", str(tmp_path / "half"), "--resume", str(tmp_path / "half" / "ckpt.pt")])
     full, half = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ["full", "half"])
     for key in full["model"]:
         assert torch.equal(full["model"][key], half["model"][key]), key
+    return full, half
+
+
+def test_citation_resume_continues_exactly(tmp_path):
+    write_fake_planetoid(tmp_path / "data")
+    common = ["--task", "cora", "--patience", "1000", "--data-dir", str(tmp_path / "data")]
+    full, half = train_whole_and_in_halves(tmp_path, common, epochs=8)
     assert full["test_acc"] == half["test_acc"]
 
 
@@ -316,12 +322,7 @@ def test_image_graph_training_learns_resumes_exactly_and_draws(tmp_path, capsys)
     write_fake_mnist(data, "FashionMNIST")
     common = ["--task", "fashion-mnist", "--model", "gat", "--batch-size", "16", "--lr", "0.01", "--hidden", "16",
               "--layers", "2", "--log-every", "1", "--data-dir", str(data)]
-    train.main([*common, "--epochs", "4", "--out-dir", str(tmp_path / "full")])
-    train.main([*common, "--epochs", "2", "--out-dir", str(tmp_path / "half")])
-    train.main([*common, "--epochs", "4", "--out-dir", str(tmp_path / "half"), "--resume", str(tmp_path / "half" / "ckpt.pt")])
-    full, half = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ["full", "half"])
-    for key in full["model"]:
-        assert torch.equal(full["model"][key], half["model"][key]), key
+    full, _ = train_whole_and_in_halves(tmp_path, common, epochs=4)
     losses = [r["train_loss"] for r in full["train_state"]["history"] if r["train_loss"] != ""]
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
     assert (tmp_path / "full" / "metrics.csv").read_text().count("\n") == len(full["train_state"]["history"]) + 1
