@@ -3,6 +3,7 @@
     python fff/sample.py --eval                        # soft and hard test accuracy of runs/fff/ckpt.pt
     python fff/sample.py --leaves                      # images/fff_leaves.png: test samples per leaf and class
     python fff/sample.py --benchmark                   # FFF hard inference vs the two dense baselines (no checkpoint)
+    python fff/sample.py --benchmark --node-width 1 --compile   # single-neuron nodes, every network compiled
 """
 import argparse
 import os
@@ -32,6 +33,8 @@ def get_parser():
     p.add_argument("--leaf-width", type=int, default=32, help="leaf width for --benchmark")
     p.add_argument("--node-width", type=int, default=32, help="node width for --benchmark")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256], help="batch sizes for --benchmark")
+    p.add_argument("--compile", action="store_true",
+                   help="--benchmark compiles every network with torch.compile (fuses the FFF's gathers and small ops)")
     p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "data"), help="dataset root (default $DATA_DIR or ./data)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to evaluate")
     p.add_argument("--seed", type=int, default=0, help="seed for the benchmark's random weights and inputs")
@@ -57,7 +60,7 @@ def benchmark(args):
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     input_width, output_width = 28 * 28, 10
     print(f"hard inference, input {input_width}, leaf width {args.leaf_width}, node width {args.node_width}, "
-          f"{torch.get_num_threads()} CPU threads; times in ms per batch")
+          f"{'compiled' if args.compile else 'eager'}, {torch.get_num_threads()} CPU threads; times in ms per batch")
     print(f"{'device':>6} {'depth':>5} {'batch':>5} {'FFF hard':>9} {'FF train-width':>15} {'FF leaf-width':>14} {'speed-up':>9}")
     for device in devices:
         for depth in args.depths:
@@ -65,9 +68,13 @@ def benchmark(args):
             fff = FFF(input_width, output_width, depth, args.leaf_width, args.node_width).to(device).eval()
             wide = FF(input_width, output_width, 2**depth * args.leaf_width).to(device).eval()
             narrow = FF(input_width, output_width, args.leaf_width).to(device).eval()
+            calls = [m.forward_hard for m in (fff, wide, narrow)]
+            if args.compile:
+                torch._dynamo.reset()  # fresh compile caches for each depth's three networks
+                calls = [torch.compile(call, dynamic=False) for call in calls]
             for batch in args.batch_sizes:
                 x = torch.randn(batch, input_width, device=device)
-                t_fff, t_wide, t_narrow = (time_call(m.forward_hard, x) for m in (fff, wide, narrow))
+                t_fff, t_wide, t_narrow = (time_call(call, x) for call in calls)
                 print(f"{device.type:>6} {depth:>5} {batch:>5} {1e3 * t_fff:>9.3f} {1e3 * t_wide:>15.3f} "
                       f"{1e3 * t_narrow:>14.3f} {t_wide / t_fff:>8.1f}x")
 

@@ -187,6 +187,9 @@ def test_leaves_plot_and_benchmark_run(trained_run, tmp_path, capsys):
     sample.main(["--benchmark", "--depths", "2", "--batch-sizes", "1", "4"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("cpu")]
     assert len(rows) == 2
+    sample.main(["--benchmark", "--compile", "--depths", "2", "--batch-sizes", "1", "--node-width", "1"])
+    out = capsys.readouterr().out
+    assert "compiled" in out and len([line for line in out.splitlines() if line.strip().startswith("cpu")]) == 1
 
 
 def run_script(*args, cwd=HERE):

@@ -42,7 +42,7 @@ DEFAULTS = dict(patch_size=4, dim=128, depth=6, num_heads=4, mlp_dim=256, dropou
 # --preset cpu|gpu, per dataset: a few overrides of DEFAULTS, applied before explicit flags.
 PRESETS = {
     "cpu": {  # 16 tokens of 7 x 7 pixels for the 28 x 28 datasets: the fastest to learn on a CPU
-        "mnist": dict(patch_size=7, epochs=5),
+        "mnist": dict(patch_size=7, epochs=7, crop_padding=2),
         "fashion_mnist": dict(patch_size=7, epochs=12),
         "cifar10": dict(dim=96, mlp_dim=192, epochs=12, crop_padding=4, flip=True),
     },
