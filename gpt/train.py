@@ -29,8 +29,8 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 
 # Presets: overrides applied before the explicit flags (so `--preset cpu --steps 100` runs 100 steps).
 PRESETS = {
-    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16, dropout=0.0, lr=2e-3,
-                min_lr=2e-4, warmup_steps=50, steps=8000, eval_interval=500, eval_batches=25),
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=16, dropout=0.0, lr=3e-3,
+                min_lr=2e-4, warmup_steps=50, steps=10000, eval_interval=500, eval_batches=25),
     "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2, lr=1e-3,
                 min_lr=1e-4, warmup_steps=100, steps=5000, eval_interval=250, eval_batches=200),
 }
