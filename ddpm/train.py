@@ -1,7 +1,7 @@
 """Train a class-conditional DDPM (eps-prediction, L_simple, classifier-free label dropout) on MNIST,
 FashionMNIST or CIFAR-10.
 
-    python train.py                                   # the CPU preset: a small U-ViT on MNIST
+    python train.py                                   # the CPU preset: a small U-Net on MNIST
     python train.py --preset gpu --dataset cifar10    # the DDPM-sized U-Net
     torchrun --standalone --nproc_per_node=4 train.py --preset gpu
 """
@@ -36,8 +36,7 @@ NUM_CLASSES = 10
 # "gpu" is the DDPM paper's CIFAR-10 U-Net (35.7M parameters: 128 channels, mult 1,2,2,2, 2 blocks,
 # attention at 16x16, dropout 0.1, lr 2e-4, EMA 0.9999), at batch 128 per GPU.
 PRESETS = {
-    "cpu": dict(backbone="uvit", vit_dim=64, vit_depth=6, vit_heads=4, patch_size=4, batch_size=64, lr=1e-3,
-                warmup=100, steps=1500, ema_decay=0.995),
+    "cpu": dict(backbone="unet", batch_size=64, lr=5e-4, warmup=100, steps=1500, ema_decay=0.995),
     "gpu": dict(backbone="unet", channels=128, channel_mult="1,2,2,2", num_res_blocks=2, attn_levels="1",
                 dropout=0.1, batch_size=128, lr=2e-4, warmup=5000, steps=800_000, ema_decay=0.9999,
                 sample_every=10_000, checkpoint_every=5_000),
