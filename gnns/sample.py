@@ -34,7 +34,8 @@ def get_args(argv=None):
     p.add_argument("--head", type=int, default=0, help="which attention head to draw")
     p.add_argument("--limit", type=int, default=0, help="evaluate images on the first N test images only (0: all)")
     p.add_argument("--images-dir", default=str(IMAGES_DIR), help="where pictures go (default: images/ beside gnns/)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to run")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to run (auto: CUDA if present, else CPU; no MPS: the sparse CSR products are untested there)")
     p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "data"), help="datasets root (default $DATA_DIR or ./data)")
     args = p.parse_args(argv)
     if not (args.eval or args.attention or args.training):

@@ -17,7 +17,10 @@ import gnns_data
 import model
 import sample
 import train
-from model import GATConv, GCNConv, GraphClassifier, NodeClassifier, global_pool, prepare_edges, scatter_softmax
+from model import (GATConv, GCNConv, GraphClassifier, NeighbourhoodSum, NodeClassifier, global_pool, prepare_edges,
+                   scatter_softmax)
+
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")  # as model.py does
 
 HERE = Path(__file__).resolve().parent
 DATA_DIR = Path(os.environ.get("DATA_DIR", "data"))
@@ -109,6 +112,29 @@ def test_scatter_softmax_is_stable_and_equals_softmax_per_node():
     alpha = scatter_softmax(logits, dst, 3)
     expected = torch.cat([torch.softmax(logits[dst == i, 0], 0) for i in range(3)])
     torch.testing.assert_close(alpha[:, 0], expected)
+
+
+def test_neighbourhood_sum_equals_index_add_message_passing_with_its_gradients():
+    """The CSR aggregation against the explicit messages w_ji h_j summed with index_add_, values and both
+    gradients (autograd through the reference, and gradcheck's finite differences in float64)."""
+    edge_index = prepare_edges(random_graph(seed=4), 12)
+    src, dst = edge_index
+    g = torch.Generator().manual_seed(4)
+    weight = torch.rand(src.numel(), 3, generator=g, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(12, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(12, 3, 5, generator=g, dtype=torch.float64)
+    reference = h.new_zeros(12, 3, 5).index_add_(0, dst, weight.unsqueeze(-1) * h.index_select(0, src))
+    out = NeighbourhoodSum.apply(weight, h, edge_index)
+    torch.testing.assert_close(out, reference)
+    torch.testing.assert_close(torch.autograd.grad((out * grad_out).sum(), [weight, h]),
+                               torch.autograd.grad((reference * grad_out).sum(), [weight, h]))
+    assert torch.autograd.gradcheck(lambda w, x: NeighbourhoodSum.apply(w, x, edge_index), (weight, h))
+
+
+def test_neighbourhood_sum_rejects_edges_not_sorted_by_destination():
+    edge_index = prepare_edges(random_graph(), 12).flip(1)
+    with pytest.raises(ValueError, match="sorted by destination"):
+        NeighbourhoodSum.apply(torch.ones(edge_index.size(1), 1), torch.ones(12, 1, 2), edge_index)
 
 
 def test_gat_attention_gradient_matches_dense_autograd():
@@ -333,6 +359,24 @@ def test_image_graph_training_learns_resumes_exactly_and_draws(tmp_path, capsys)
     assert f"test accuracy {full['test_acc']:.4f}" in capsys.readouterr().out
     for picture in ["gnns_attention.png", "gnns_training.png"]:
         assert (tmp_path / "images" / picture).stat().st_size > 1000
+
+
+def test_precise_batchnorm_sets_the_exact_statistics_of_the_pooled_vectors():
+    """After precise_batchnorm, the head's BatchNorm holds the mean and (unbiased) variance of the pooled vectors
+    of exactly those images, read here from a hook on its input, whatever stale averages it held before."""
+    torch.manual_seed(5)
+    images = torch.randint(0, 256, (40, 6, 6), dtype=torch.uint8)
+    edge_index = prepare_edges(gnns_data.grid_graph(6, 6), 36)
+    net = GraphClassifier("gcn", 3, 8, 10, layers=2)
+    norm = net.head[0]
+    norm.running_mean.fill_(5.0)
+    seen = []
+    net.head.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    train.precise_batchnorm(net, images, edge_index, "cpu")
+    pooled = torch.cat(seen)                                                   # (40, 8)
+    torch.testing.assert_close(norm.running_mean, pooled.mean(0))
+    torch.testing.assert_close(norm.running_var, pooled.var(0))
+    assert norm.momentum == 0.1
 
 
 def test_benchmark_times_sparse_and_dense_steps(tmp_path, capsys):

@@ -20,7 +20,8 @@ class GPTConfig:
     n_layer: int = 6
     n_head: int = 6
     n_embd: int = 384
-    dropout: float = 0.2
+    dropout: float = 0.2     # on the embeddings and on each residual branch's output
+    attn_dropout: float = 0.2  # on the attention weights (on a CPU it makes attention about 3x slower)
     bias: bool = False       # biases in Linear and LayerNorm layers (GPT-2 has them; they barely matter)
 
 
@@ -49,7 +50,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # W^Q, W^K, W^V of all heads
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)     # W^O
-        self.dropout = config.dropout
+        self.dropout = config.attn_dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.fused = True  # F.scaled_dot_product_attention (flash kernels); False: explicit_attention, same maths
 

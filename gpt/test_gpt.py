@@ -279,7 +279,8 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path):
 
 
 def test_bad_flags_are_rejected_by_the_parser(capsys):
-    for flags in [["--n-embd", "30", "--n-head", "4"], ["--block-size", "0"], ["--dropout", "1.5"]]:
+    for flags in [["--n-embd", "30", "--n-head", "4"], ["--block-size", "0"], ["--dropout", "1.5"],
+                  ["--attn-dropout", "-0.1"]]:
         with pytest.raises(SystemExit) as e:
             train.parse_args(flags)
         assert e.value.code == 2

@@ -48,7 +48,8 @@ def get_parser():
     p.add_argument("--n-head", type=int, default=4, help="attention heads per block")
     p.add_argument("--n-embd", type=int, default=128, help="width of the residual stream (a multiple of --n-head)")
     p.add_argument("--block-size", type=int, default=64, help="context length in characters")
-    p.add_argument("--dropout", type=float, default=0.0, help="dropout probability (0.2 helps larger models)")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout probability on embeddings and residual branches (0.2 helps larger models)")
+    p.add_argument("--attn-dropout", type=float, default=None, help="dropout probability on the attention weights (default: --dropout)")
     p.add_argument("--bias", action="store_true", help="use biases in Linear and LayerNorm layers")
     # optimisation
     p.add_argument("--batch-size", type=int, default=12, help="sequences per step (per process under torchrun)")
@@ -86,8 +87,11 @@ def parse_args(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.n_embd % args.n_head:
         parser.error(f"--n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}")
-    if not 0 <= args.dropout < 1:
-        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.attn_dropout is None:
+        args.attn_dropout = args.dropout
+    for name in ["dropout", "attn_dropout"]:
+        if not 0 <= getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
     if args.lr <= 0 or args.min_lr < 0 or args.max_minutes < 0:
         parser.error("--lr must be positive, --min-lr and --max-minutes non-negative")
     return args
@@ -231,7 +235,7 @@ def main(argv=None):
     batch_generator = torch.Generator().manual_seed(args.seed + rank)  # each rank draws its own windows
 
     config = GPTConfig(vocab_size=len(tokenizer), block_size=args.block_size, n_layer=args.n_layer,
-                       n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, bias=args.bias)
+                       n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, attn_dropout=args.attn_dropout, bias=args.bias)
     model = GPT(config).to(device)
     optimizer = model.configure_optimizer(args.weight_decay, args.lr, (0.9, args.beta2), device_type)
     step, best_val, train_seconds = 0, float("inf"), 0.0
