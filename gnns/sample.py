@@ -81,8 +81,7 @@ def draw_attention(ckpt, ckpt_path, args, path):
         for conv, norm in list(zip(model.convs, model.norms))[:args.layer + 1]:
             out, attention = conv(norm(h), edge_index, return_attention=True)  # attention: (E, heads)
             h = h + torch.relu(out)
-        pooled = h.mean(0) if model.readout == "mean" else h.amax(0)
-        logits = model.head(pooled.unsqueeze(0))[0]
+        logits = model(x, edge_index, torch.zeros(x.size(0), dtype=torch.long), 1)[0]  # the whole network's answer
     src, dst = edge_index
     keep = src != dst                                                           # self-loops have no line to draw
     xy = torch.stack([src % width, src // width], 1).float(), torch.stack([dst % width, dst // width], 1).float()

@@ -325,10 +325,12 @@ def test_citation_training_learns_and_same_seed_gives_same_run(tmp_path, capsys)
     assert f"test accuracy {runs[0]['test_acc']:.4f}" in capsys.readouterr().out
 
 
-def train_whole_and_in_halves(tmp_path, common, epochs):
-    """Train for `epochs` in one run, and for half of them then --resume to the end: both checkpoints."""
+def train_whole_and_in_halves(tmp_path, common, epochs, interrupt=None):
+    """Train for `epochs` in one run, and in a run stopped early by the `interrupt` flags (default: after half the
+    epochs) then --resume'd to the end: both checkpoints, whose weights must be equal."""
     train.main([*common, "--epochs", str(epochs), "--out-dir", str(tmp_path / "full")])
-    train.main([*common, "--epochs", str(epochs // 2), "--out-dir", str(tmp_path / "half")])
+    interrupt = interrupt or ["--epochs", str(epochs // 2)]
+    train.main([*common, "--epochs", str(epochs), *interrupt, "--out-dir", str(tmp_path / "half")])
     train.main([*common, "--epochs", str(epochs), "--out-dir", str(tmp_path / "half"), "--resume", str(tmp_path / "half" / "ckpt.pt")])
     full, half = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ["full", "half"])
     for key in full["model"]:
@@ -346,9 +348,10 @@ def test_citation_resume_continues_exactly(tmp_path):
 def test_image_graph_training_learns_resumes_exactly_and_draws(tmp_path, capsys):
     data = tmp_path / "data"
     write_fake_mnist(data, "FashionMNIST")
-    common = ["--task", "fashion-mnist", "--model", "gat", "--batch-size", "16", "--lr", "0.01", "--hidden", "16",
+    common = ["--task", "fashion-mnist", "--model", "gat", "--batch-size", "16", "--lr", "0.02", "--hidden", "16",
               "--layers", "2", "--log-every", "1", "--data-dir", str(data)]
-    full, _ = train_whole_and_in_halves(tmp_path, common, epochs=4)
+    # stopped by the clock after its first step (mid-epoch): the cosine schedule spans --epochs, so it stays 4
+    full, _ = train_whole_and_in_halves(tmp_path, common, epochs=4, interrupt=["--max-minutes", "1e-9"])
     losses = [r["train_loss"] for r in full["train_state"]["history"] if r["train_loss"] != ""]
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
     assert (tmp_path / "full" / "metrics.csv").read_text().count("\n") == len(full["train_state"]["history"]) + 1
@@ -359,6 +362,11 @@ def test_image_graph_training_learns_resumes_exactly_and_draws(tmp_path, capsys)
     assert f"test accuracy {full['test_acc']:.4f}" in capsys.readouterr().out
     for picture in ["gnns_attention.png", "gnns_training.png"]:
         assert (tmp_path / "images" / picture).stat().st_size > 1000
+
+
+def test_cosine_lr_decays_from_lr_to_zero():
+    lrs = [train.cosine_lr(0.1, step, 100) for step in [0, 25, 50, 100, 150]]
+    assert lrs == pytest.approx([0.1, 0.1 * (1 + math.sqrt(0.5)) / 2, 0.05, 0.0, 0.0])
 
 
 def test_precise_batchnorm_sets_the_exact_statistics_of_the_pooled_vectors():
