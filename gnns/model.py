@@ -87,7 +87,7 @@ class NeighbourhoodSum(torch.autograd.Function):
     It is the message passing `h.new_zeros(N, H, F).index_add_(0, dst, w.unsqueeze(-1) * h[src])` (the tests check
     this), computed as one sparse-dense product per head with the matrix W[i, j] = w_ji in CSR form. That streams
     over the E weights and rows of h instead of writing and re-reading an (E, H, F) message tensor, which made the
-    index_add_ version memory-bound (about 6x slower on a batch of MNIST pixel graphs). Backward:
+    index_add_ version memory-bound (6-10x slower on a batch of 64 MNIST pixel graphs). Backward:
         dL/dh = W^T dL/dout                 (the same product on the transposed graph)
         dL/dw_ji = <dL/dout_i, h_j>         (only at the E stored positions: a sampled matrix product)
     Edges must be sorted by destination, as `prepare_edges` and `block_diagonal` leave them."""
