@@ -25,7 +25,7 @@ TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "16
 
 def tiny_gpt(**overrides):
     torch.manual_seed(0)
-    config = dict(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0, bias=True)
+    config = dict(vocab_size=11, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0, attn_dropout=0.0, bias=True)
     return GPT(GPTConfig(**{**config, **overrides})).eval()
 
 
