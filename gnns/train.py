@@ -39,7 +39,7 @@ DEFAULTS = {
     ("images", "gcn"): dict(lr=1e-3, weight_decay=0.0, hidden=64, layers=4, dropout=0.0, attention_dropout=0.0,
                             epochs=10),
     ("images", "gat"): dict(lr=1e-3, weight_decay=0.0, hidden=64, layers=4, heads=4, dropout=0.0,
-                            attention_dropout=0.0, epochs=10),
+                            attention_dropout=0.0, epochs=5),  # 98.1 % on MNIST (README)
 }
 
 
@@ -47,7 +47,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="cora", choices=[*CITATION, *IMAGES], help="dataset (node or graph classification)")
     p.add_argument("--model", default="gcn", choices=["gcn", "gat"], help="graph convolution or graph attention")
-    p.add_argument("--epochs", type=int, help="max epochs (default: GCN 200, GAT 1000 with early stopping; images 10)")
+    p.add_argument("--epochs", type=int, help="max epochs (default: GCN 200, GAT 1000 with early stopping; images: GCN 10, GAT 5)")
     p.add_argument("--schedule", default="cosine", choices=["cosine", "constant"],
                    help="images: the learning rate decays to 0 along a cosine over --epochs, or stays constant")
     p.add_argument("--lr", type=float, help="Adam learning rate (default: GCN 0.01, GAT 0.005, images 0.001)")
