@@ -40,7 +40,7 @@ def get_parser():
     p.add_argument("--evaluate", action="store_true", help="compute classifier accuracy and classifier-FID instead of a grid")
     p.add_argument("--num-eval", type=int, default=500, help="samples for --evaluate (spread evenly over the classes)")
     p.add_argument("--classifier", default=None, help="cached evaluation classifier (default runs/ddpm/classifier_<dataset>.pt; trained if absent)")
-    p.add_argument("--classifier-epochs", type=int, default=1, help="epochs when the evaluation classifier has to be trained")
+    p.add_argument("--classifier-epochs", type=int, default=3, help="epochs when the evaluation classifier has to be trained")
     p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "data"), help="dataset root, for --evaluate")
     p.add_argument("--batch-size", type=int, default=250, help="images sampled at once")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise and of every sampling step")
