@@ -382,6 +382,7 @@ def main(argv=None):
         print(f"done: {train_time:.0f} s of training; checkpoint {out_dir / 'ckpt.pt'}; "
               + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if ddp:
+        dist.barrier()  # no rank tears down its connections while another still reads from them
         dist.destroy_process_group()
     return metrics
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torchvision
-from torch.distributed import all_reduce, destroy_process_group, init_process_group
+from torch.distributed import all_reduce, barrier, destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -290,6 +290,7 @@ def main(argv=None):
         metrics_file.close()
         print(f"done: step {step}, {time.time() - start:.0f} s, checkpoint {out_dir / 'ckpt.pt'}")
     if ddp:
+        barrier()  # no rank tears down its connections while another still reads from them
         destroy_process_group()
 
 

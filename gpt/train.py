@@ -353,6 +353,7 @@ def main(argv=None):
         if args.wandb:
             wandb.finish()
     if ddp:
+        dist.barrier()  # no rank tears down its connections while another still reads from them
         dist.destroy_process_group()
     return best_val
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.distributed import destroy_process_group, init_process_group
+from torch.distributed import barrier, destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision import datasets
 from tqdm import tqdm
@@ -398,6 +398,7 @@ def main(argv=None):
                 "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch + 1, "rng": rng_state(data_gen),
                 "metrics": {"train_loss": loss_sum / seen, metric: result, "images_per_s": images_per_s}})
     if ddp:
+        barrier()  # no rank tears down its connections while another still reads from them
         destroy_process_group()
 
 

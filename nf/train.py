@@ -177,7 +177,8 @@ def main(argv=None):
 
             wandb.init(project="paper-implementations-nf", config=config)
     num_dims = x_train[0].numel()
-    t0, bar = time.time(), tqdm(total=config["steps"], initial=step, disable=not master, desc="train")
+    t0 = time.time() - (checkpoint["metrics"]["seconds"] if checkpoint else 0.0)  # seconds count across resumes
+    bar = tqdm(total=config["steps"], initial=step, disable=not master, desc="train")
     while step < config["steps"]:
         xb = x_train[torch.randint(len(x_train), (config["batch_size"],), device=device)]
         noise = torch.rand(xb.shape, device=device)  # uniform dequantisation
@@ -210,6 +211,7 @@ def main(argv=None):
                 "step": step, "rng": {"torch": torch.get_rng_state()}, "metrics": row})
     bar.close()
     if ddp:
+        dist.barrier()  # no rank tears down its connections while another still reads from them
         dist.destroy_process_group()
     return model
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
-from torch.distributed import destroy_process_group, init_process_group
+from torch.distributed import barrier, destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.transforms import v2
 from tqdm import tqdm
@@ -407,6 +407,7 @@ def main(argv=None):
     if master:
         print(f"best test accuracy {100 * best_accuracy:.2f}%, checkpoints in {args.out_dir}")
     if ddp:
+        barrier()  # no rank tears down its connections while another still reads from them
         destroy_process_group()
     return best_accuracy
 
