@@ -50,12 +50,22 @@ def load_model(path, device):
     return model.to(device).eval(), CharTokenizer(ckpt["vocab"])
 
 
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def benchmark(model, prompt, n):
     """Greedy decoding of n characters with and without the key/value cache: tokens/s of each, and equality."""
     results = {}
     for use_cache in (True, False):
+        model.generate(prompt, 8, temperature=0, use_cache=use_cache)  # warm-up: kernels, allocator, CUDA context
+        synchronize(prompt.device)
         start = time.perf_counter()
         out = model.generate(prompt, n, temperature=0, use_cache=use_cache)
+        synchronize(prompt.device)  # a GPU runs behind the Python loop: wait for it before reading the clock
         results[use_cache] = (out, n * prompt.size(0) / (time.perf_counter() - start))
     same = torch.equal(results[True][0], results[False][0])
     print(f"{n} new characters, greedy: cache {results[True][1]:,.0f} tokens/s, no cache {results[False][1]:,.0f} tokens/s, "
