@@ -175,6 +175,17 @@ def test_resume_continues_exactly(data_dir, tmp_path, monkeypatch):
     assert resumed["metrics"]["seconds"] >= 1000.0  # the clock goes on from the checkpoint's
 
 
+def test_resume_keeps_the_learning_rate_unless_given(data_dir, tmp_path):
+    train.main(["--data-dir", data_dir, "--out-dir", str(tmp_path / "a"), "--steps", "2", "--lr", "2e-3", *TINY])
+    for extra, lr in [([], 2e-3), (["--lr", "1e-4"], 1e-4)]:  # a last phase at a lower learning rate
+        out = tmp_path / f"b{lr}"
+        train.main(["--resume", str(tmp_path / "a" / "ckpt.pt"), "--steps", "3", "--out-dir", str(out),
+                    "--data-dir", data_dir, "--device", "cpu", *extra])
+        resumed = torch.load(out / "ckpt.pt", weights_only=True)
+        assert resumed["config"]["lr"] == lr
+        assert all(group["lr"] == lr for group in resumed["optimizer"]["param_groups"])
+
+
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
     calls = []
 

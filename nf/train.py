@@ -41,7 +41,8 @@ def get_parser():
     p.add_argument("--num-couplings", type=int, default=30, help="flat: number of affine coupling layers")
     p.add_argument("--steps", type=int, default=3000, help="optimisation steps")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size (per process)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--lr", type=float, default=None,
+                   help="Adam learning rate (default 1e-3; with --resume the checkpoint's, unless given: lower it for a last phase)")
     p.add_argument("--scale-l2", type=float, default=5e-5, help="L2 penalty on the couplings' scale parameters (paper: 5e-5)")
     p.add_argument("--grad-clip", type=float, default=100.0, help="global gradient-norm clip")
     p.add_argument("--eval-every", type=int, default=1000, help="evaluate test bits/dim and save every N steps")
@@ -126,13 +127,13 @@ def main(argv=None):
     for flag in ["num_scales", "hidden", "blocks", "num_couplings", "steps", "batch_size", "eval_every", "eval_examples"]:
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be positive (got {getattr(args, flag)})")
-    if args.lr <= 0 or args.scale_l2 < 0 or args.grad_clip <= 0:
+    if (args.lr is not None and args.lr <= 0) or args.scale_l2 < 0 or args.grad_clip <= 0:
         parser.error("need --lr > 0, --scale-l2 >= 0 and --grad-clip > 0")
     checkpoint = load_checkpoint(args.resume) if args.resume else None
-    config = vars(args)
-    if checkpoint:  # a resumed run keeps its model and data; where it runs and for how long may change
+    config = dict(vars(args), lr=args.lr or 1e-3)
+    if checkpoint:  # a resumed run keeps its model and data; where it runs, for how long and how fast may change
         config = dict(checkpoint["config"], steps=args.steps, device=args.device, data_dir=args.data_dir,
-                      out_dir=args.out_dir, resume=args.resume)
+                      out_dir=args.out_dir, resume=args.resume, lr=args.lr or checkpoint["config"]["lr"])
     size = DATASETS[config["dataset"]][2]
     if config["arch"] == "multiscale" and size % 2 ** (config["num_scales"] - 1):
         parser.error(f"--num-scales {config['num_scales']} needs an image size divisible by {2 ** (config['num_scales'] - 1)}")
@@ -158,6 +159,8 @@ def main(argv=None):
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
+        for group in optimizer.param_groups:
+            group["lr"] = config["lr"]
         step = checkpoint["step"]
         torch.set_rng_state(checkpoint["rng"]["torch"])
     else:  # ActNorm's data-dependent initialisation, before DDP broadcasts rank 0's parameters to all
