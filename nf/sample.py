@@ -24,6 +24,8 @@ def get_parser():
     p.add_argument("--temperature", type=float, default=0.7, help="std of the latent prior; 0 gives the mode path")
     p.add_argument("--out", default=str(IMAGES / "nf_samples.png"), help="where to write the sample grid")
     p.add_argument("--eval", action="store_true", help="print test bits/dim instead of sampling")
+    p.add_argument("--eval-examples", type=int, default=None,
+                   help="test images --eval uses (default: the checkpoint's --eval-examples; 10000: all of MNIST's)")
     p.add_argument("--interpolate", action="store_true", help="walk the latent space between test images instead")
     p.add_argument("--interpolation-out", default=str(IMAGES / "nf_interpolation.png"), help="where --interpolate writes")
     p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "data"), help="dataset root (default $DATA_DIR or ./data)")
@@ -54,8 +56,8 @@ def interpolate(model, x_a, x_b, steps=9):
 def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
-    if args.num_samples < 1 or args.temperature < 0:
-        parser.error("need --num-samples >= 1 and --temperature >= 0")
+    if args.num_samples < 1 or args.temperature < 0 or (args.eval_examples is not None and args.eval_examples < 1):
+        parser.error("need --num-samples >= 1, --temperature >= 0 and --eval-examples >= 1")
     device = get_device(args.device)
     checkpoint = load_checkpoint(args.checkpoint, device)
     config = checkpoint["config"]
@@ -64,7 +66,8 @@ def main(argv=None):
     model.eval()
     torch.manual_seed(args.seed)
     if args.eval:
-        x_test = load_split(config["dataset"], args.data_dir, train=False)[: config["eval_examples"]].to(device)
+        x_test = load_split(config["dataset"], args.data_dir, train=False)[: args.eval_examples or config["eval_examples"]]
+        x_test = x_test.to(device)
         print(f"{config['dataset']} test bits/dim: {evaluate(model, x_test):.4f} "
               f"({config['arch']}, step {checkpoint['step']}, {len(x_test)} test images)")
         return

@@ -149,6 +149,8 @@ def test_tiny_flow_learns_and_checkpoint_reproduces_its_report(data_dir, tmp_pat
     assert last < first < 8.0, "test bits/dim must fall"
     sample.main(["--checkpoint", str(out / "ckpt.pt"), "--data-dir", data_dir, "--eval", "--device", "cpu"])
     assert f"test bits/dim: {last:.4f}" in capsys.readouterr().out
+    sample.main(["--checkpoint", str(out / "ckpt.pt"), "--data-dir", data_dir, "--eval", "--eval-examples", "32"])
+    assert "32 test images" in capsys.readouterr().out  # not the checkpoint's 64
     picture = tmp_path / "samples.png"
     sample.main(["--checkpoint", str(out / "ckpt.pt"), "-n", "8", "--out", str(picture), "--device", "cpu"])
     assert picture.stat().st_size > 100

@@ -213,14 +213,17 @@ def test_flip_mirrors_some_images_left_to_right_and_leaves_the_others():
 
 # ----------------------------------------------------------------------------- the scripts, end to end
 
-def test_real_mnist_loads_with_torchvision_when_present():
+@pytest.mark.parametrize("dataset, folder, counts, class_7", [
+    ("mnist", "MNIST", [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009], "7 - seven"),
+    ("fashion_mnist", "FashionMNIST", [1000] * 10, "Sneaker")])
+def test_real_data_loads_with_torchvision_when_present(dataset, folder, counts, class_7):
     data_dir = os.environ.get("DATA_DIR", "")
-    if not os.path.isfile(os.path.join(data_dir, "MNIST", "raw", "t10k-images-idx3-ubyte")):
-        pytest.skip("DATA_DIR does not hold MNIST")
-    images, labels, classes = train.load_split("mnist", data_dir, train=False)
+    if not os.path.isfile(os.path.join(data_dir, folder, "raw", "t10k-images-idx3-ubyte")):
+        pytest.skip(f"DATA_DIR does not hold {folder}")
+    images, labels, classes = train.load_split(dataset, data_dir, train=False)
     assert images.shape == (10000, 1, 28, 28) and images.dtype == torch.uint8
-    assert torch.bincount(labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
-    assert classes[7] == "7 - seven"
+    assert torch.bincount(labels).tolist() == counts
+    assert classes[7] == class_7
 
 
 def test_training_loss_falls_and_test_accuracy_rises(mnist_run):
