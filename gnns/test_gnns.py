@@ -390,9 +390,11 @@ def test_precise_batchnorm_sets_the_exact_statistics_of_the_pooled_vectors():
 def test_benchmark_times_sparse_and_dense_steps(tmp_path, capsys):
     write_fake_mnist(tmp_path, train_size=8, test_size=2)
     gnns_benchmark.main(["--batch-size", "2", "--batches", "1", "--hidden", "8", "--layers", "1", "--heads", "2",
-                         "--impls", "sparse", "dense", "--data-dir", str(tmp_path)])
+                         "--impls", "sparse", "dense", "free", "--data-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "gcn: dense / sparse time per step" in out and "gat: dense / sparse time per step" in out
+    assert "gcn: dense / free" in out and "gat: dense / free" in out
+    assert gnns_benchmark.model.NeighbourhoodSum is model.NeighbourhoodSum  # `free` put the real aggregation back
 
 
 def test_mnist_loader_offline_exit_leaves_nothing(tmp_path, monkeypatch):
