@@ -62,10 +62,63 @@ def test_folder_has_its_files(folder):
         assert (ROOT / folder / name).exists(), f"{folder}/{name} is missing"
 
 
-def test_conftest_is_the_same_file_everywhere():
-    reference = (ROOT / "ppo" / "conftest.py").read_text()
+@pytest.mark.parametrize("name", ["conftest.py", "plumbing.py"])
+def test_shared_files_are_the_same_file_everywhere(name):
+    reference = (ROOT / "ppo" / name).read_bytes()
     for folder in FOLDERS:
-        assert (ROOT / folder / "conftest.py").read_text() == reference, f"{folder}/conftest.py differs"
+        assert (ROOT / folder / name).read_bytes() == reference, f"{folder}/{name} differs from ppo/{name}"
+
+
+# The naming sheet (README.md, Conventions): the flags every train.py and sample.py share.
+TRAIN_FLAGS = ["--device", "--seed", "--data-dir", "--out-dir", "--lr", "--max-minutes", "--resume",
+               "--threads", "--wandb", "--compile"]
+SAMPLE_FLAGS = ["--checkpoint", "--device"]
+RETIRED = ["--ckpt", "--time-budget", "--total-steps", "--warmup", "--warmup-epochs", "--log-csv",
+           "fashion-mnist", "{fashion,", ",fashion,", ",fashion}"]
+
+
+def help_text(folder, script):
+    run = subprocess.run([sys.executable, script, "--help"], cwd=ROOT / folder, capture_output=True,
+                         text=True, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+    assert run.returncode == 0, run.stderr
+    return run.stdout
+
+
+def naming_sheet_violations(train_help, sample_help, train_source):
+    words = set(train_help.replace("[", " ").replace("]", " ").split())
+    bad = [f"train.py lacks {f}" for f in TRAIN_FLAGS if f not in words]
+    if not {"--steps", "--epochs"} & words:
+        bad.append("train.py has neither --steps nor --epochs")
+    bad += [f"sample.py lacks {f}" for f in SAMPLE_FLAGS if f not in sample_help.split()]
+    for text, script in [(train_help, "train.py"), (sample_help, "sample.py")]:
+        tokens = set(text.replace("[", " ").replace("]", " ").split())
+        bad += [f"{script} uses the retired name {r}" for r in RETIRED if r in tokens or
+                (not r.startswith("--") and r in text)]
+    for name in ["ckpt.pt", "metrics.csv"]:
+        if name not in train_source and "MetricsLog" not in train_source:
+            bad.append(f"train.py never writes {name}")
+    if "last.pt" in train_source or "log.csv" in train_source:
+        bad.append("train.py writes last.pt or log.csv (the sheet says ckpt.pt and metrics.csv)")
+    return bad
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_flags_follow_the_naming_sheet(folder):
+    train_source = (ROOT / folder / "train.py").read_text()
+    bad = naming_sheet_violations(help_text(folder, "train.py"), help_text(folder, "sample.py"),
+                                  train_source)
+    assert bad == []
+
+
+def test_naming_sheet_check_can_fail():
+    good = " ".join(TRAIN_FLAGS + ["--steps"])
+    assert naming_sheet_violations(good, "--checkpoint --device", "'ckpt.pt' MetricsLog") == []
+    bad = naming_sheet_violations(good.replace("--max-minutes", "--time-budget") + " {mnist,fashion,cifar10}",
+                                  "--ckpt --device", "'last.pt'")
+    assert "train.py lacks --max-minutes" in bad and "sample.py lacks --checkpoint" in bad
+    assert "train.py uses the retired name --time-budget" in bad
+    assert "train.py uses the retired name {fashion," in bad
+    assert any("last.pt" in b for b in bad)
 
 
 @pytest.mark.parametrize("folder", FOLDERS)
