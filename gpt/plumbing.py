@@ -237,7 +237,7 @@ def sha256(path):
 def load_checkpoint(path, folder, keys=("config", "model"), map_location="cpu",
                     expected_sha256=None):
     """A checkpoint written by `folder`'s scripts, loaded as plain data (weights_only=True), or
-    one line saying what is wrong with it: absent, a folder, unsafe, truncated, foreign, incomplete."""
+    one line saying what is wrong: absent, a folder, unsafe, truncated, foreign or incomplete."""
     path = Path(path)
     if path.is_dir():
         sys.exit(f"error: checkpoint {path} is a folder, not a file")

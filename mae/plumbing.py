@@ -2,10 +2,10 @@
 
 Plain functions, in the order a train.py uses them; skip this file to read the method:
 
-    cfg = parse_config(Config, argv, PRESETS)   # the dataclass at the top of train.py -> flags, --help
-    ddp, rank, world, device = setup(cfg)        # threads, seeds, device, DDP when torchrun sets RANK
+    cfg = parse_config(Config, argv, PRESETS)  # the dataclass atop train.py -> flags and --help
+    ddp, rank, world, device = setup(cfg)       # threads, seeds, device; DDP under torchrun
     images, labels, classes = load_image_dataset("mnist", cfg.data_dir, train=True)
-    clock = Clock(cfg.max_minutes)               # wall-clock budget; Ctrl-C also ends the run cleanly
+    clock = Clock(cfg.max_minutes)              # wall-clock budget; Ctrl-C ends the run cleanly
     log = MetricsLog(out_dir, ["step", "loss"], resume=False, wandb_config=None)
     save_checkpoint(path, {...}); ckpt = load_checkpoint(path, "gpt", keys=["model"])
     teardown(ddp)
@@ -36,9 +36,9 @@ import torch
 import torch.distributed as dist
 
 
-# --------------------------------------------------------------------------------------- configuration
+# ---------------------------------------------------------------------------------- configuration
 def require(condition, message):
-    """For a Config's __post_init__: a check that ends in one line (`parser.error`) when it fails."""
+    """For a Config's __post_init__: a check that ends in one line (parser.error) when it fails."""
     if not condition:
         raise ValueError(message)
 
@@ -48,7 +48,7 @@ def flag(name):
 
 
 def field_comments(cls):
-    """{field: its trailing `# comment`} from the dataclass source: the one-line help of every flag."""
+    """{field: its trailing `# comment`} from the dataclass source: each flag's one-line help."""
     comments = {}
     for klass in reversed(cls.__mro__[:-1]):
         try:
@@ -64,7 +64,8 @@ def add_field(parser, field, help_text):
     """One flag for one dataclass field: its type, its choices (a Literal) and its default."""
     kind = field.type
     if isinstance(kind, str):
-        raise TypeError(f"{field.name}: write the Config without `from __future__ import annotations`")
+        raise TypeError(f"{field.name}: the Config needs real types, not `from __future__ import "
+                        f"annotations`")
     args = typing.get_args(kind)
     if type(None) in args:  # `int | None`: the flag may be left out
         kind = next(a for a in args if a is not type(None))
@@ -84,17 +85,19 @@ def add_field(parser, field, help_text):
 def parse_config(cls, argv=None, presets=None, description=None, extra=None):
     """Flags from the dataclass `cls`, one per field with its comment as help; returns a `cls`.
 
-    presets: {"name": {field: value}}, applied before explicit flags; a preset may hold one such dict per
-    dataset instead ({"cpu": {"mnist": {...}}}), chosen by the `dataset` field. Every number must be
-    finite and, unless its field is named in `cls.signed`, not negative; the Config's own __post_init__
-    checks the rest with `require`. `extra(parser)` may add positional arguments (a subcommand)."""
+    presets: {"name": {field: value}}, applied before explicit flags; a preset may hold one such
+    dict per dataset instead ({"cpu": {"mnist": {...}}}), chosen by the `dataset` field. Every
+    number must be finite and, unless its field is named in `cls.signed`, not negative; the
+    Config's own __post_init__ checks the rest with `require`. `extra(parser)` may add positional
+    arguments (a subcommand); then (cfg, {their values}) is returned."""
     parser = argparse.ArgumentParser(description=description or cls.__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     if extra:
         extra(parser)
     if presets:
         parser.add_argument("--preset", choices=sorted(presets), default=None,
-                            help="a named set of overrides (PRESETS in train.py); explicit flags still win")
+                            help="a named set of overrides (PRESETS in train.py); explicit flags "
+                                 "still win")
     comments = field_comments(cls)
     fields = [f for f in dataclasses.fields(cls) if f.init]
     for field in fields:
@@ -148,10 +151,10 @@ def seed_everything(seed):
 
 
 def setup(cfg):
-    """Threads, seeds, device and DDP (nanoGPT's recipe: torchrun sets RANK; NCCL on CUDA, gloo on the CPU).
-
-    Returns (ddp, rank, world_size, device). Every rank gets the same seed, hence the same initial weights;
-    draw data per rank with a generator seeded by seed + rank, or a DistributedSampler."""
+    """Threads, seeds, device and DDP (nanoGPT's recipe: torchrun sets RANK; NCCL on CUDA, gloo on
+    the CPU). Returns (ddp, rank, world_size, device). Every rank gets the same seed, hence the same
+    initial weights; draw data per rank with a generator seeded by seed + rank, or a
+    DistributedSampler."""
     if getattr(cfg, "threads", 0):
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
@@ -180,7 +183,7 @@ def autocast(device, enabled=True):
 
 
 def rng_state(*generators):
-    """Python, NumPy, torch (and CUDA) RNG states plus any torch.Generators, as checkpointable plain data."""
+    """Python, NumPy, torch (and CUDA) RNG states and any torch.Generators, as plain data."""
     python = random.getstate()
     numpy = np.random.get_state()
     return {"python": [python[0], list(python[1]), python[2]],
@@ -193,9 +196,11 @@ def rng_state(*generators):
 def set_rng_state(state, *generators):
     """Undo rng_state(): the run continues with exactly the random numbers it would have drawn."""
     random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    np.random.set_state(("MT19937", np.array(state["numpy"][0], dtype=np.uint32), *state["numpy"][1:]))
+    keys = np.array(state["numpy"][0], dtype=np.uint32)
+    np.random.set_state(("MT19937", keys, *state["numpy"][1:]))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+    cuda = state["cuda"]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
     for generator, saved in zip(generators, state["generators"]):
         generator.set_state(saved)
@@ -215,7 +220,7 @@ def make_out_dir(path):
 
 
 def save_checkpoint(path, checkpoint):
-    """torch.save to PATH.tmp, then an atomic rename: a killed run never leaves half a checkpoint."""
+    """torch.save to PATH.tmp, then an atomic rename: a killed run never leaves half a file."""
     tmp = f"{path}.tmp"
     torch.save(checkpoint, tmp)
     os.replace(tmp, path)
@@ -229,16 +234,18 @@ def sha256(path):
     return digest.hexdigest()
 
 
-def load_checkpoint(path, folder, keys=("config", "model"), map_location="cpu", expected_sha256=None):
-    """A checkpoint written by `folder`'s scripts, loaded as plain data (weights_only=True), or one line
-    that says what is wrong with it: absent, a folder, tampered with, truncated, foreign, incomplete."""
+def load_checkpoint(path, folder, keys=("config", "model"), map_location="cpu",
+                    expected_sha256=None):
+    """A checkpoint written by `folder`'s scripts, loaded as plain data (weights_only=True), or
+    one line saying what is wrong: absent, a folder, unsafe, truncated, foreign or incomplete."""
     path = Path(path)
     if path.is_dir():
         sys.exit(f"error: checkpoint {path} is a folder, not a file")
     if not path.is_file():
         sys.exit(f"error: checkpoint {path} not found")
     if expected_sha256 and sha256(path) != expected_sha256:
-        sys.exit(f"error: checkpoint {path} does not match its recorded sha256 (corrupt or replaced)")
+        sys.exit(f"error: checkpoint {path} does not match its recorded sha256 (corrupt or "
+                 f"replaced)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -258,7 +265,7 @@ def load_checkpoint(path, folder, keys=("config", "model"), map_location="cpu", 
 
 
 def config_from_checkpoint(cls, ckpt, path="checkpoint", **overrides):
-    """Rebuild the Config stored in a checkpoint (plus overrides); unknown or bad fields end in one line."""
+    """The Config stored in a checkpoint (plus overrides); unknown or bad fields end in one line."""
     names = {f.name for f in dataclasses.fields(cls)}
     stored = ckpt["config"] if isinstance(ckpt["config"], dict) else {}
     unknown = sorted(set(stored) - names)
@@ -272,9 +279,10 @@ def config_from_checkpoint(cls, ckpt, path="checkpoint", **overrides):
 
 # ------------------------------------------------------------------------------------------ logging
 class MetricsLog:
-    """metrics.csv in the run folder (appended to on --resume), tqdm-safe printing, W&B when asked."""
+    """metrics.csv in the run folder (appended to on --resume), and W&B when asked for."""
 
-    def __init__(self, out_dir, columns, resume=False, wandb_config=None, project=None, enabled=True):
+    def __init__(self, out_dir, columns, resume=False, wandb_config=None, project=None,
+                 enabled=True):
         self.columns, self.enabled, self.wandb = list(columns), enabled, None
         if not enabled:
             return
@@ -304,7 +312,7 @@ class MetricsLog:
 
 
 def fmt(value):
-    """Floats to six significant digits in the CSV; everything else (strings a script formatted) as is."""
+    """Floats to six significant digits; anything else (a string the script formatted) as is."""
     return f"{value:.6g}" if isinstance(value, float) else value
 
 
@@ -321,8 +329,8 @@ def load_image_dataset(name, data_dir, train):
     """One split of MNIST, FashionMNIST or CIFAR-10 through torchvision, as tensors:
     images uint8 (N, C, H, W), labels int64 (N,), class names.
 
-    Reads the files when they are there; downloads them when they are not; when it cannot, removes what
-    it created and ends in one line that names the dataset, the path and what to do."""
+    Reads the files when they are there; downloads them when they are not; when it cannot, removes
+    what it created and ends in one line that names the dataset, the path and what to do."""
     import torchvision  # only the image folders need it
 
     dataset_class = getattr(torchvision.datasets, IMAGE_DATASETS[name][0])
@@ -339,14 +347,19 @@ def load_image_dataset(name, data_dir, train):
                  f"({type(e).__name__}); replace its files with torchvision's")
     images = torch.as_tensor(np.asarray(dataset.data))
     images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)  # (N, C, H, W)
-    return images.contiguous(), torch.as_tensor(dataset.targets, dtype=torch.long), list(dataset.classes)
+    labels = torch.as_tensor(dataset.targets, dtype=torch.long)
+    return images.contiguous(), labels, list(dataset.classes)
 
 
 def download_image_dataset(dataset_class, data_dir, train):
-    # what a download writes: MNIST/, FashionMNIST/, or cifar-10-batches-py/ and cifar-10-python.tar.gz
-    written = [os.path.join(data_dir, entry) for entry in (dataset_class.__name__,
-               getattr(dataset_class, "base_folder", ""), getattr(dataset_class, "filename", "")) if entry]
-    created = [data_dir] if not os.path.isdir(data_dir) else [p for p in written if not os.path.exists(p)]
+    # what a download writes: MNIST/, FashionMNIST/, or cifar-10-batches-py/ and its .tar.gz
+    entries = [dataset_class.__name__, getattr(dataset_class, "base_folder", ""),
+               getattr(dataset_class, "filename", "")]
+    written = [os.path.join(data_dir, entry) for entry in entries if entry]
+    if os.path.isdir(data_dir):
+        created = [path for path in written if not os.path.exists(path)]
+    else:
+        created = [data_dir]
     try:
         return dataset_class(data_dir, train=train, download=True)
     except Exception as e:
@@ -355,13 +368,13 @@ def download_image_dataset(dataset_class, data_dir, train):
                 shutil.rmtree(path)
             elif os.path.exists(path):
                 os.remove(path)
-        sys.exit(f"error: {dataset_class.__name__} is not in {data_dir} (or is incomplete) and could not "
-                 f"be downloaded ({type(e).__name__}); put torchvision's files there or point --data-dir / "
-                 f"DATA_DIR at them")
+        sys.exit(f"error: {dataset_class.__name__} is not in {data_dir} (or is incomplete) and "
+                 f"could not be downloaded ({type(e).__name__}); put torchvision's files there or "
+                 f"point --data-dir / DATA_DIR at them")
 
 
 def normalize(images, name):
-    """uint8 (B, C, H, W) -> float, zero mean and unit variance per channel (training-set statistics)."""
+    """uint8 (B, C, H, W) -> float, zero mean and unit variance per channel (training-set stats)."""
     _, _, _, mean, std = IMAGE_DATASETS[name]
     mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
     std = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
@@ -369,8 +382,8 @@ def normalize(images, name):
 
 
 def split_validation(n, fraction, seed=0):
-    """Indices (train, validation) of a fixed random split of n training examples: models are selected on
-    the validation part, never on the test set."""
+    """Indices (train, validation) of a fixed random split of n training examples: models are
+    selected on the validation part, never on the test set."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_val = int(round(n * fraction))
     return order[n_val:], order[:n_val]
@@ -378,9 +391,10 @@ def split_validation(n, fraction, seed=0):
 
 # ---------------------------------------------------------------------------------- time budget
 class Clock:
-    """Wall-clock budget of a run (--max-minutes, 0: none), counting from `seconds` already spent (a
-    resumed run) and including evaluation. The first Ctrl-C also ends the run at the next check, so the
-    loop can save a resumable checkpoint; a second Ctrl-C stops at once. Under DDP all ranks agree."""
+    """Wall-clock budget of a run (--max-minutes, 0: none), counting from `seconds` already spent
+    (a resumed run) and including evaluation. The first Ctrl-C also ends the run at the next check,
+    so the loop can save a resumable checkpoint; a second Ctrl-C stops at once. Under DDP all ranks
+    agree."""
 
     def __init__(self, max_minutes=0.0, seconds=0.0):
         self.budget, self.before, self.start = max_minutes * 60, seconds, time.perf_counter()
@@ -393,8 +407,8 @@ class Clock:
         if self.interrupted:
             raise KeyboardInterrupt
         self.interrupted = True
-        print("\ninterrupted: stopping at the next step with a checkpoint (Ctrl-C again to quit at once)",
-              file=sys.stderr)
+        print("\ninterrupted: stopping at the next step with a checkpoint (Ctrl-C again to quit "
+              "at once)", file=sys.stderr)
 
     @property
     def seconds(self):
