@@ -1,4 +1,5 @@
 """The rules that hold the monorepo together: ten self-contained folders, one conftest mechanism."""
+
 import ast
 import os
 import shutil
@@ -58,7 +59,14 @@ def test_every_folder_exists():
 def test_folder_has_its_files(folder):
     if folder not in PRESENT:
         pytest.skip(f"{folder}/ has no model.py yet")
-    for name in ["model.py", "train.py", "sample.py", "README.md", f"test_{folder}.py", "conftest.py"]:
+    for name in [
+        "model.py",
+        "train.py",
+        "sample.py",
+        "README.md",
+        f"test_{folder}.py",
+        "conftest.py",
+    ]:
         assert (ROOT / folder / name).exists(), f"{folder}/{name} is missing"
 
 
@@ -66,20 +74,47 @@ def test_folder_has_its_files(folder):
 def test_shared_files_are_the_same_file_everywhere(name):
     reference = (ROOT / "ppo" / name).read_bytes()
     for folder in FOLDERS:
-        assert (ROOT / folder / name).read_bytes() == reference, f"{folder}/{name} differs from ppo/{name}"
+        assert (ROOT / folder / name).read_bytes() == reference, (
+            f"{folder}/{name} differs from ppo/{name}"
+        )
 
 
 # The naming sheet (README.md, Conventions): the flags every train.py and sample.py share.
-TRAIN_FLAGS = ["--device", "--seed", "--data-dir", "--out-dir", "--lr", "--max-minutes", "--resume",
-               "--threads", "--wandb", "--compile"]
+TRAIN_FLAGS = [
+    "--device",
+    "--seed",
+    "--data-dir",
+    "--out-dir",
+    "--lr",
+    "--max-minutes",
+    "--resume",
+    "--threads",
+    "--wandb",
+    "--compile",
+]
 SAMPLE_FLAGS = ["--checkpoint", "--device"]
-RETIRED = ["--ckpt", "--time-budget", "--total-steps", "--warmup", "--warmup-epochs", "--log-csv",
-           "fashion-mnist", "{fashion,", ",fashion,", ",fashion}"]
+RETIRED = [
+    "--ckpt",
+    "--time-budget",
+    "--total-steps",
+    "--warmup",
+    "--warmup-epochs",
+    "--log-csv",
+    "fashion-mnist",
+    "{fashion,",
+    ",fashion,",
+    ",fashion}",
+]
 
 
 def help_text(folder, script):
-    run = subprocess.run([sys.executable, script, "--help"], cwd=ROOT / folder, capture_output=True,
-                         text=True, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+    run = subprocess.run(
+        [sys.executable, script, "--help"],
+        cwd=ROOT / folder,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"),
+    )
     assert run.returncode == 0, run.stderr
     return run.stdout
 
@@ -92,8 +127,11 @@ def naming_sheet_violations(train_help, sample_help, train_source):
     bad += [f"sample.py lacks {f}" for f in SAMPLE_FLAGS if f not in sample_help.split()]
     for text, script in [(train_help, "train.py"), (sample_help, "sample.py")]:
         tokens = set(text.replace("[", " ").replace("]", " ").split())
-        bad += [f"{script} uses the retired name {r}" for r in RETIRED if r in tokens or
-                (not r.startswith("--") and r in text)]
+        bad += [
+            f"{script} uses the retired name {r}"
+            for r in RETIRED
+            if r in tokens or (not r.startswith("--") and r in text)
+        ]
     for name in ["ckpt.pt", "metrics.csv"]:
         if name not in train_source and "MetricsLog" not in train_source:
             bad.append(f"train.py never writes {name}")
@@ -105,16 +143,20 @@ def naming_sheet_violations(train_help, sample_help, train_source):
 @pytest.mark.parametrize("folder", FOLDERS)
 def test_flags_follow_the_naming_sheet(folder):
     train_source = (ROOT / folder / "train.py").read_text()
-    bad = naming_sheet_violations(help_text(folder, "train.py"), help_text(folder, "sample.py"),
-                                  train_source)
+    bad = naming_sheet_violations(
+        help_text(folder, "train.py"), help_text(folder, "sample.py"), train_source
+    )
     assert bad == []
 
 
 def test_naming_sheet_check_can_fail():
     good = " ".join(TRAIN_FLAGS + ["--steps"])
     assert naming_sheet_violations(good, "--checkpoint --device", "'ckpt.pt' MetricsLog") == []
-    bad = naming_sheet_violations(good.replace("--max-minutes", "--time-budget") + " {mnist,fashion,cifar10}",
-                                  "--ckpt --device", "'last.pt'")
+    bad = naming_sheet_violations(
+        good.replace("--max-minutes", "--time-budget") + " {mnist,fashion,cifar10}",
+        "--ckpt --device",
+        "'last.pt'",
+    )
     assert "train.py lacks --max-minutes" in bad and "sample.py lacks --checkpoint" in bad
     assert "train.py uses the retired name --time-budget" in bad
     assert "train.py uses the retired name {fashion," in bad
@@ -128,23 +170,34 @@ def test_no_folder_imports_another(folder):
 
 def test_import_check_catches_a_cross_folder_import(tmp_path):
     """The rule above can fail: a folder that imports another folder's module is caught."""
-    for folder, source in [("gpt", "import torch\n"), ("vit", "from gpt.model import GPT\nimport tokenizer\n")]:
+    for folder, source in [
+        ("gpt", "import torch\n"),
+        ("vit", "from gpt.model import GPT\nimport tokenizer\n"),
+    ]:
         (tmp_path / folder).mkdir()
         (tmp_path / folder / "model.py").write_text(source)
     (tmp_path / "gpt" / "tokenizer.py").write_text("")
-    assert import_violations("vit", root=tmp_path) == ["vit/model.py imports 'gpt'", "vit/model.py imports 'tokenizer'"]
+    assert import_violations("vit", root=tmp_path) == [
+        "vit/model.py imports 'gpt'",
+        "vit/model.py imports 'tokenizer'",
+    ]
     assert import_violations("gpt", root=tmp_path) == []
 
 
 def run_pytest(cwd, *args):
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
-                          cwd=cwd, env=env, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
 
 
 @pytest.mark.parametrize("with_conftest", [True, False])
 def test_conftest_keeps_same_named_modules_apart(tmp_path, with_conftest):
-    """Two folders with a model.py each, in one pytest run: each test must see its own folder's model."""
+    """Two folders with a model.py each, in one pytest run: each test sees its own model."""
     for name in ["alpha", "beta"]:
         folder = tmp_path / name
         folder.mkdir()
@@ -152,7 +205,8 @@ def test_conftest_keeps_same_named_modules_apart(tmp_path, with_conftest):
         (folder / "train.py").write_text("import model\nNAME = model.NAME\n")
         (folder / f"test_{name}.py").write_text(
             f"import model\nimport train\n\ndef test_own_modules():\n"
-            f"    assert model.NAME == train.NAME == {name!r}\n")
+            f"    assert model.NAME == train.NAME == {name!r}\n"
+        )
         if with_conftest:
             shutil.copy(ROOT / "ppo" / "conftest.py", folder / "conftest.py")
     result = run_pytest(tmp_path, "alpha", "beta")
@@ -160,7 +214,9 @@ def test_conftest_keeps_same_named_modules_apart(tmp_path, with_conftest):
         assert result.returncode == 0, result.stdout + result.stderr
         assert "2 passed" in result.stdout
     else:
-        assert result.returncode != 0, "without the conftest the second folder should see the first's model"
+        assert result.returncode != 0, (
+            "without the conftest the second folder should see the first's model"
+        )
 
 
 @pytest.mark.parametrize("folder", FOLDERS)
@@ -168,10 +224,13 @@ def test_folder_works_when_copied_alone(tmp_path, folder):
     if folder not in PRESENT:
         pytest.skip(f"{folder}/ has no model.py yet")
     copy = tmp_path / folder
-    shutil.copytree(ROOT / folder, copy, ignore=shutil.ignore_patterns("__pycache__", "runs", "data"))
+    shutil.copytree(
+        ROOT / folder, copy, ignore=shutil.ignore_patterns("__pycache__", "runs", "data")
+    )
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-    help_run = subprocess.run([sys.executable, "train.py", "--help"], cwd=copy, env=env,
-                              capture_output=True, text=True)
+    help_run = subprocess.run(
+        [sys.executable, "train.py", "--help"], cwd=copy, env=env, capture_output=True, text=True
+    )
     assert help_run.returncode == 0, help_run.stderr
     assert "--seed" in help_run.stdout
     tests = run_pytest(copy, "-x")
