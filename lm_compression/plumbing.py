@@ -249,7 +249,7 @@ def load_checkpoint(path, folder, keys=("config", "model"), map_location="cpu",
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        if "Unsupported global" in str(e):  # a class that weights_only refuses to build
             sys.exit(f"error: checkpoint {path} holds objects that are not allowed to load "
                      f"(only tensors and plain data are)")
         sys.exit(f"error: checkpoint {path} is truncated or corrupt ({type(e).__name__})")
@@ -282,11 +282,11 @@ class MetricsLog:
     """metrics.csv in the run folder (appended to on --resume), and W&B when asked for."""
 
     def __init__(self, out_dir, columns, resume=False, wandb_config=None, project=None,
-                 enabled=True):
+                 enabled=True, filename="metrics.csv", run_name=None):
         self.columns, self.enabled, self.wandb = list(columns), enabled, None
         if not enabled:
             return
-        path = Path(out_dir) / "metrics.csv"
+        path = Path(out_dir) / filename
         append = resume and path.exists()
         self.file = open(path, "a" if append else "w", newline="")
         self.writer = csv.writer(self.file)
@@ -294,7 +294,7 @@ class MetricsLog:
             self.writer.writerow(self.columns)
         if wandb_config is not None:
             import wandb  # imported only when asked for
-            self.wandb = wandb.init(project=project, config=wandb_config)
+            self.wandb = wandb.init(project=project, config=wandb_config, name=run_name)
 
     def log(self, **row):
         if not self.enabled:
@@ -427,9 +427,14 @@ class Clock:
                 flag_t = flag_t.cuda()
             dist.all_reduce(flag_t, op=dist.ReduceOp.MAX)
             stop = bool(flag_t.item())
-        if stop and self.previous is not None:  # the run ends: Ctrl-C means what it meant before
+        if stop:
+            self.close()
+        return stop
+
+    def close(self):
+        """The run ends: Ctrl-C means again what it meant before."""
+        if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
             self.previous = None
-        return stop
 
 

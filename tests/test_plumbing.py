@@ -163,6 +163,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         ("folder", "is a folder, not a file"),
         ("unsafe", "holds objects that are not allowed to load"),
         ("truncated", "truncated or corrupt"),
+        ("garbage", "truncated or corrupt"),
         ("foreign", "was not written by demo/ (it says 'other')"),
         ("not a dict", "was not written by demo/"),
         ("missing key", "lacks the key(s) 'model'"),
@@ -181,6 +182,8 @@ def test_bad_checkpoints_end_in_one_line(tmp_path, case, expected):
         torch.save({"folder": "demo", "config": {}, "model": Config()}, path)
     elif case == "truncated":
         path.write_bytes(path.read_bytes()[:100])
+    elif case == "garbage":
+        path.write_bytes(b"not a checkpoint")
     elif case == "foreign":
         torch.save({"folder": "other", "config": {}, "model": {}}, path)
     elif case == "not a dict":
