@@ -1,13 +1,15 @@
-"""Use gnns/ checkpoints: evaluate them, draw a GAT's attention over a digit's pixel graph, compare training curves.
+"""Use gnns/ checkpoints: evaluate them, draw a GAT's attention over a digit's pixel graph, compare
+training curves. Pictures go to --out-dir (`--out-dir images` regenerates the README's).
 
-    python sample.py runs/gnns/ckpt.pt --eval
-    python sample.py runs/mnist_gat/ckpt.pt --attention                      # images/gnns_attention.png
-    python sample.py runs/cora_gcn/ckpt.pt runs/cora_gat/ckpt.pt --training  # images/gnns_training.png
+    python gnns/sample.py --checkpoint runs/gnns/ckpt.pt --eval
+    python gnns/sample.py --checkpoint runs/mnist_gat_cos5/ckpt.pt --attention  # one GAT head
+    python gnns/sample.py --checkpoint runs/cora_gcn/ckpt.pt runs/cora_gat/ckpt.pt --training
 """
-import argparse
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import matplotlib
 
@@ -16,86 +18,113 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.collections import LineCollection  # noqa: E402
 
-from gnns_data import CITATION, grid_graph, load_images, load_planetoid, pixel_features  # noqa: E402
+from gnns_data import (  # noqa: E402
+    CITATION,
+    grid_graph,
+    load_images,
+    load_planetoid,
+    pixel_features,
+)
 from model import prepare_edges  # noqa: E402
-from train import build_model, evaluate_images, load_checkpoint, load_weights, pick_device  # noqa: E402
-
-IMAGES_DIR = Path(__file__).resolve().parent.parent / "images"
-
-
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoints", nargs="+", help="checkpoint(s) written by train.py")
-    p.add_argument("--eval", action="store_true", help="print each checkpoint's test accuracy")
-    p.add_argument("--attention", action="store_true", help="draw a GAT image checkpoint's attention on one test digit")
-    p.add_argument("--training", action="store_true", help="plot the checkpoints' training curves side by side")
-    p.add_argument("--index", type=int, default=0, help="which test image to draw")
-    p.add_argument("--layer", type=int, default=0, help="which GAT layer's attention to draw (0 = first)")
-    p.add_argument("--head", type=int, default=0, help="which attention head to draw")
-    p.add_argument("--limit", type=int, default=0, help="evaluate images on the first N test images only (0: all)")
-    p.add_argument("--images-dir", default=str(IMAGES_DIR), help="where pictures go (default: images/ beside gnns/)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="where to run (auto: CUDA if present, else CPU; no MPS: the sparse CSR products are untested there)")
-    p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "data"), help="datasets root (default $DATA_DIR or ./data)")
-    args = p.parse_args(argv)
-    if not (args.eval or args.attention or args.training):
-        p.error("nothing to do: pass --eval, --attention and/or --training")
-    if args.index < 0 or args.head < 0 or args.layer < 0 or args.limit < 0:
-        p.error("--index, --head, --layer and --limit must be >= 0")
-    return args
+from plumbing import (  # noqa: E402
+    config_from_checkpoint,
+    load_checkpoint,
+    make_out_dir,
+    parse_config,
+    pick_device,
+    require,
+)
+from train import (  # noqa: E402
+    Config,
+    build_model,
+    evaluate_images,
+    load_weights,
+    precise_batchnorm,
+)
 
 
-def evaluate(ckpt, path, args, device):
+@dataclass
+class SampleConfig:
+    """Use gnns/ checkpoints: print their test accuracy, draw a GAT's attention on a digit's pixel
+    graph, plot training curves side by side."""
+    checkpoint: tuple[str, ...] = ("runs/gnns/ckpt.pt",)  # checkpoint(s) written by train.py
+    eval: bool = False  # print each checkpoint's test accuracy
+    attention: bool = False  # draw an image GAT's attention on one test digit (gnns_attention.png)
+    training: bool = False  # plot the checkpoints' training curves (gnns_training.png)
+    index: int = 0  # which test image to draw
+    layer: int = 0  # which GAT layer's attention to draw (0: the first)
+    head: int = 0  # which attention head to draw
+    limit: int = 0  # evaluate images on the first N test images only (0: all)
+    out_dir: str = "runs/gnns"  # where pictures go (images: the README's)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda, else cpu (no mps)
+    data_dir: str = os.environ.get("DATA_DIR", "data")  # datasets root ($DATA_DIR, else ./data)
+
+    def __post_init__(self):
+        require(self.eval or self.attention or self.training,
+                "nothing to do: pass --eval, --attention and/or --training")
+
+
+def evaluate(ckpt, path, cfg, device):
     """Test accuracy of a checkpoint's model, from the checkpoint alone (plus the dataset)."""
-    config = ckpt["config"]
+    train_cfg = config_from_checkpoint(Config, ckpt, path)
     model = build_model(ckpt["model_args"]).to(device)
-    if config["task"] in CITATION:
-        data = load_planetoid(args.data_dir, config["task"])
-        load_weights(model, ckpt["train_state"]["best_model"], path)  # the early-stopping weights that were tested
+    if train_cfg.task in CITATION:
+        data = load_planetoid(cfg.data_dir, train_cfg.task)
+        # the weights early stopping selected on the validation nodes: those train.py tested
+        load_weights(model, ckpt["train_state"]["best_model"], path)
         model.eval()
         with torch.no_grad():
             logits = model(data["x"].to(device), data["edge_index"].to(device))
         test = data["test"].to(device)
         return (logits[test].argmax(1) == data["y"].to(device)[test]).float().mean().item()
     load_weights(model, ckpt["model"], path)
-    images, labels = load_images(args.data_dir, config["task"], train=False)
-    if args.limit:
-        images, labels = images[:args.limit], labels[:args.limit]
+    images, labels = load_images(cfg.data_dir, train_cfg.task, train=False)
+    if cfg.limit:
+        images, labels = images[:cfg.limit], labels[:cfg.limit]
     edge_index = prepare_edges(grid_graph(*images.shape[1:]), images.shape[1] * images.shape[2])
+    train_images = load_images(cfg.data_dir, train_cfg.task, train=True)[0]
+    if ckpt["step"] % max(1, len(train_images) // train_cfg.batch_size):  # stopped mid-epoch:
+        # its BatchNorm statistics are the lagging running averages; set them as train.py does
+        precise_batchnorm(model, train_images[:train_cfg.batchnorm_images], edge_index, device)
     return evaluate_images(model, images, labels, edge_index, device)
 
 
-def draw_attention(ckpt, ckpt_path, args, path):
-    """One test digit as its pixel graph; every edge j -> i coloured by alpha_ij of one head of one GAT layer."""
+def draw_attention(ckpt, ckpt_path, cfg, path):
+    """One test digit as its pixel graph; each edge j -> i coloured by alpha_ij of one GAT head."""
     model = build_model(ckpt["model_args"])
     load_weights(model, ckpt["model"], ckpt_path)
     model.eval()
-    images, labels = load_images(args.data_dir, ckpt["config"]["task"], train=False)
-    if args.index >= len(images):
-        sys.exit(f"error: --index {args.index} is out of range: the test set has {len(images)} images")
+    images, labels = load_images(cfg.data_dir, ckpt["config"]["task"], train=False)
+    if cfg.index >= len(images):
+        sys.exit(f"error: --index {cfg.index} is out of range: the test set has {len(images)} "
+                 f"images")
     height, width = images.shape[1:]
     edge_index = prepare_edges(grid_graph(height, width), height * width)
-    x = pixel_features(images[args.index:args.index + 1]).view(-1, 3)
+    x = pixel_features(images[cfg.index:cfg.index + 1]).view(-1, 3)
     with torch.no_grad():
         h = model.embed(x)
-        for conv, norm in list(zip(model.convs, model.norms))[:args.layer + 1]:
-            out, attention = conv(norm(h), edge_index, return_attention=True)  # attention: (E, heads)
+        for conv, norm in list(zip(model.convs, model.norms))[:cfg.layer + 1]:
+            out, attention = conv(norm(h), edge_index, return_attention=True)  # (E, heads)
             h = h + torch.relu(out)
-        logits = model(x, edge_index, torch.zeros(x.size(0), dtype=torch.long), 1)[0]  # the whole network's answer
+        graph = torch.zeros(x.size(0), dtype=torch.long)
+        logits = model(x, edge_index, graph, 1)[0]                   # the whole network's answer
     src, dst = edge_index
-    keep = src != dst                                                           # self-loops have no line to draw
-    xy = torch.stack([src % width, src // width], 1).float(), torch.stack([dst % width, dst // width], 1).float()
-    # draw each edge from j towards i, stopping short of i so that the 8 incoming edges of a node stay apart
+    keep = src != dst                                                # self-loops: no line to draw
+    xy = (torch.stack([src % width, src // width], 1).float(),
+          torch.stack([dst % width, dst // width], 1).float())
+    # each edge from j towards i, stopping short of i so that a node's 8 incoming edges stay apart
     segments = torch.stack([xy[0], xy[0] + 0.45 * (xy[1] - xy[0])], 1)[keep]
-    weights = attention[keep, args.head]
+    weights = attention[keep, cfg.head]
     fig, axes = plt.subplots(1, 2, figsize=(8, 4.2))
-    axes[0].imshow(images[args.index].numpy(), cmap="gray_r")
-    axes[0].set_title(f"test image {args.index}: label {int(labels[args.index])}, predicted {int(logits.argmax())}")
-    axes[1].imshow(images[args.index].numpy(), cmap="gray_r", alpha=0.25)
+    axes[0].imshow(images[cfg.index].numpy(), cmap="gray_r")
+    axes[0].set_title(f"test image {cfg.index}: label {int(labels[cfg.index])}, "
+                      f"predicted {int(logits.argmax())}")
+    axes[1].imshow(images[cfg.index].numpy(), cmap="gray_r", alpha=0.25)
     lines = LineCollection(segments.numpy(), array=weights.numpy(), cmap="viridis", linewidths=0.8)
     axes[1].add_collection(lines)
-    fig.colorbar(lines, ax=axes[1], fraction=0.046, label="attention alpha_ij (9 incoming edges sum to 1)")
-    axes[1].set_title(f"GAT layer {args.layer + 1}, head {args.head + 1}: edge j -> i")
+    fig.colorbar(lines, ax=axes[1], fraction=0.046,
+                 label="attention alpha_ij (9 incoming edges sum to 1)")
+    axes[1].set_title(f"GAT layer {cfg.layer + 1}, head {cfg.head + 1}: edge j -> i")
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -109,16 +138,18 @@ def draw_training(ckpts, names, path):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ckpt, name in zip(ckpts, names):
         rows = ckpt["train_state"]["history"]
-        losses = [(r["step"], r["train_loss"]) for r in rows if r["train_loss"] != ""]
-        if ckpt["config"]["task"] in CITATION:  # one row per epoch, then a final row with the test accuracy
-            accuracy_key, accuracies = "val_acc", [(r["step"], r["val_acc"]) for r in rows if r["train_loss"] != ""]
+        losses = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
+        if ckpt["config"]["task"] in CITATION:  # a row per epoch, then one with the test accuracy
+            key = "val_acc"
+            accuracies = [(r["step"], r["val_acc"]) for r in rows if "train_loss" in r]
         else:                                   # a test accuracy at the end of every epoch
-            accuracy_key, accuracies = "test_acc", [(r["step"], r["test_acc"]) for r in rows if r["test_acc"] != ""]
+            key = "test_acc"
+            accuracies = [(r["step"], r["test_acc"]) for r in rows if "test_acc" in r]
         label = f"{ckpt['config']['task']} {ckpt['config']['model'].upper()} ({name})"
         axes[0].plot(*zip(*losses), label=label)
         if accuracies:
-            axes[1].plot(*zip(*accuracies), marker="o" if accuracy_key == "test_acc" else None, label=label)
-        axes[1].set_ylabel("validation accuracy" if accuracy_key == "val_acc" else "test accuracy")
+            axes[1].plot(*zip(*accuracies), marker="o" if key == "test_acc" else None, label=label)
+        axes[1].set_ylabel("validation accuracy" if key == "val_acc" else "test accuracy")
     axes[0].set_ylabel("training loss")
     for ax in axes:
         ax.set_xlabel("step (= epoch on citation graphs)")
@@ -130,28 +161,30 @@ def draw_training(ckpts, names, path):
 
 
 def main(argv=None):
-    args = get_args(argv)
-    device = pick_device(args.device)
-    ckpts = [load_checkpoint(path, "cpu") for path in args.checkpoints]
-    images_dir = Path(args.images_dir)
-    if args.eval:
-        for path, ckpt in zip(args.checkpoints, ckpts):
+    cfg = parse_config(SampleConfig, argv)
+    device = pick_device(cfg.device)
+    device = torch.device("cpu") if device.type == "mps" else device  # CSR products untested there
+    keys = ["config", "model_args", "model", "step", "train_state"]
+    ckpts = [load_checkpoint(path, "gnns", keys=keys) for path in cfg.checkpoint]
+    if cfg.eval:
+        for path, ckpt in zip(cfg.checkpoint, ckpts):
             print(f"{path}: {ckpt['config']['task']} {ckpt['config']['model']}: "
-                  f"test accuracy {evaluate(ckpt, path, args, device):.4f}")
-    if args.attention:
-        ckpt = ckpts[0]
-        if ckpt["model_args"]["kind"] != "graph" or ckpt["config"]["model"] != "gat":
-            sys.exit(f"error: --attention needs a GAT checkpoint trained on images, {args.checkpoints[0]} is "
-                     f"{ckpt['config']['model']} on {ckpt['config']['task']}")
-        if args.layer >= ckpt["model_args"]["layers"] or args.head >= ckpt["model_args"]["heads"]:
-            sys.exit(f"error: the model has {ckpt['model_args']['layers']} layers and {ckpt['model_args']['heads']} heads")
-        images_dir.mkdir(parents=True, exist_ok=True)
-        draw_attention(ckpt, args.checkpoints[0], args, images_dir / "gnns_attention.png")
-        print(f"wrote {images_dir / 'gnns_attention.png'}")
-    if args.training:
-        images_dir.mkdir(parents=True, exist_ok=True)
-        draw_training(ckpts, [Path(p).parent.name for p in args.checkpoints], images_dir / "gnns_training.png")
-        print(f"wrote {images_dir / 'gnns_training.png'}")
+                  f"test accuracy {evaluate(ckpt, path, cfg, device):.4f}")
+    if cfg.attention:
+        ckpt, config, model_args = ckpts[0], ckpts[0]["config"], ckpts[0]["model_args"]
+        if model_args["kind"] != "graph" or config["model"] != "gat":
+            sys.exit(f"error: --attention needs a GAT checkpoint trained on images, "
+                     f"{cfg.checkpoint[0]} is {config['model']} on {config['task']}")
+        if cfg.layer >= model_args["layers"] or cfg.head >= model_args["heads"]:
+            sys.exit(f"error: the model has {model_args['layers']} layers and "
+                     f"{model_args['heads']} heads")
+        path = make_out_dir(cfg.out_dir) / "gnns_attention.png"
+        draw_attention(ckpt, cfg.checkpoint[0], cfg, path)
+        print(f"wrote {path}")
+    if cfg.training:
+        path = make_out_dir(cfg.out_dir) / "gnns_training.png"
+        draw_training(ckpts, [Path(p).parent.name for p in cfg.checkpoint], path)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

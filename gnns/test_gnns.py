@@ -1,7 +1,10 @@
-"""Checks of the papers' claims and of the folder's conventions, each against an independent reference."""
+"""Checks of the papers' claims and of the folder's conventions, each against an independent
+reference."""
+import collections
 import math
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import urllib.request
@@ -17,18 +20,28 @@ import gnns_data
 import model
 import sample
 import train
-from model import (GATConv, GCNConv, GraphClassifier, NeighbourhoodSum, NodeClassifier, global_pool, prepare_edges,
-                   scatter_softmax)
+from gnns_sparse import NeighbourhoodSum
+from model import (
+    GATConv,
+    GCNConv,
+    GraphClassifier,
+    NodeClassifier,
+    global_pool,
+    neighbourhood_sum,
+    prepare_edges,
+    scatter_softmax,
+)
 
-pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")  # as model.py does
+pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 
 HERE = Path(__file__).resolve().parent
 DATA_DIR = Path(os.environ.get("DATA_DIR", "data"))
+AGGREGATIONS = {"index_add": neighbourhood_sum, "sparse": NeighbourhoodSum.apply}
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    """Tiny tensors: one thread is fastest, above all on a shared machine; restored for the other folders' tests."""
+    """Tiny tensors: one thread is fastest, above all on a shared machine; restored afterwards."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -36,7 +49,7 @@ def one_thread():
 
 
 def random_graph(num_nodes=12, num_edges=30, seed=0):
-    """Random edges plus the awkward cases: duplicates, explicit self-loops, and isolated nodes (the last 3)."""
+    """Random edges plus the awkward cases: duplicates, self-loops, isolated nodes (the last 3)."""
     g = torch.Generator().manual_seed(seed)
     edges = torch.randint(0, num_nodes - 3, (2, num_edges), generator=g)
     duplicates = edges[:, :5]
@@ -53,7 +66,7 @@ def brute_force_adjacency(edge_index, num_nodes):
 
 
 # -----------------------------------------------------------------------------
-# Message passing against the dense O(N^2) formulation
+# Message passing (model.py), its CSR version (gnns_sparse.py) and the dense O(N^2) formulation
 
 
 def test_prepare_edges_dedups_and_adds_one_self_loop_per_node():
@@ -65,33 +78,88 @@ def test_prepare_edges_dedups_and_adds_one_self_loop_per_node():
     assert prepared[1].tolist() == sorted(prepared[1].tolist())  # grouped by destination
 
 
-def test_gcn_sparse_equals_dense_reference_and_closed_form():
+def test_neighbourhood_sum_equals_a_loop_over_each_neighbourhood():
+    """model.py's index_add_ message passing against out_i = sum_{j -> i} w_ji h_j, one edge at a
+    time in Python."""
+    edge_index = prepare_edges(random_graph(seed=8), 12)
+    g = torch.Generator().manual_seed(8)
+    weight, h = torch.rand(edge_index.size(1), 2, generator=g), torch.randn(12, 2, 3, generator=g)
+    expected = torch.zeros(12, 2, 3)
+    for e, (j, i) in enumerate(edge_index.T.tolist()):
+        expected[i] += weight[e].unsqueeze(-1) * h[j]
+    torch.testing.assert_close(neighbourhood_sum(weight, h, edge_index), expected)
+
+
+def test_csr_neighbourhood_sum_equals_index_add_message_passing_with_its_gradients():
+    """gnns_sparse.NeighbourhoodSum against model.neighbourhood_sum (the explicit messages w_ji h_j
+    summed with index_add_): values and both gradients, and gradcheck's finite differences in
+    float64."""
+    edge_index = prepare_edges(random_graph(seed=4), 12)
+    g = torch.Generator().manual_seed(4)
+    weight = torch.rand(edge_index.size(1), 3, generator=g, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(12, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(12, 3, 5, generator=g, dtype=torch.float64)
+    reference = neighbourhood_sum(weight, h, edge_index)
+    out = NeighbourhoodSum.apply(weight, h, edge_index)
+    torch.testing.assert_close(out, reference)
+    torch.testing.assert_close(torch.autograd.grad((out * grad_out).sum(), [weight, h]),
+                               torch.autograd.grad((reference * grad_out).sum(), [weight, h]))
+    assert torch.autograd.gradcheck(lambda w, x: NeighbourhoodSum.apply(w, x, edge_index),
+                                    (weight, h))
+
+
+def test_csr_neighbourhood_sum_rejects_edges_not_sorted_by_destination():
+    edge_index = prepare_edges(random_graph(), 12).flip(1)
+    with pytest.raises(ValueError, match="sorted by destination"):
+        NeighbourhoodSum.apply(torch.ones(edge_index.size(1), 1), torch.ones(12, 1, 2), edge_index)
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_gcn_equals_dense_reference_and_closed_form(aggregation):
     torch.manual_seed(0)
     edge_index, x = random_graph(), torch.randn(12, 5)
-    conv = GCNConv(5, 4)
+    conv = GCNConv(5, 4, aggregate=AGGREGATIONS[aggregation])
     adj = brute_force_adjacency(edge_index, 12)
-    sparse = conv(x, prepare_edges(edge_index, 12))
-    dense = conv.forward_dense(x.unsqueeze(0), adj.unsqueeze(0))[0]
+    out = conv(x, prepare_edges(edge_index, 12))
+    dense = model.dense_gcn(conv, x.unsqueeze(0), adj.unsqueeze(0))[0]
     d = adj.sum(1)
-    closed_form = torch.diag(d ** -0.5) @ adj @ torch.diag(d ** -0.5) @ x @ conv.weight + conv.bias  # Kipf Eq. 2
-    torch.testing.assert_close(sparse, dense)
-    torch.testing.assert_close(sparse, closed_form)
+    closed_form = torch.diag(d ** -0.5) @ adj @ torch.diag(d ** -0.5) @ x @ conv.weight + conv.bias
+    torch.testing.assert_close(out, dense)
+    torch.testing.assert_close(out, closed_form)  # Kipf & Welling Eq. 2
     # an isolated node (degree 1 with its self-loop) keeps its own transformed features
-    torch.testing.assert_close(sparse[11], x[11] @ conv.weight + conv.bias)
+    torch.testing.assert_close(out[11], x[11] @ conv.weight + conv.bias)
 
 
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
 @pytest.mark.parametrize("concat", [True, False])
-def test_gat_sparse_equals_dense_reference(concat):
+def test_gat_equals_dense_reference(concat, aggregation):
     torch.manual_seed(1)
     edge_index, x = random_graph(seed=1), torch.randn(12, 5)
-    conv = GATConv(5, 3, heads=4, concat=concat).eval()
+    conv = GATConv(5, 3, heads=4, concat=concat, aggregate=AGGREGATIONS[aggregation]).eval()
     adj = brute_force_adjacency(edge_index, 12)
-    sparse, alpha = conv(x, prepare_edges(edge_index, 12), return_attention=True)
-    dense, attention = conv.forward_dense(x.unsqueeze(0), adj.unsqueeze(0), return_attention=True)
-    torch.testing.assert_close(sparse, dense[0])
+    out, alpha = conv(x, prepare_edges(edge_index, 12), return_attention=True)
+    dense, attention = model.dense_gat(conv, x[None], adj[None], return_attention=True)
+    torch.testing.assert_close(out, dense[0])
     src, dst = prepare_edges(edge_index, 12)
     torch.testing.assert_close(alpha, attention[0][:, dst, src].T)  # (E, heads) vs (heads, N, N)
-    assert sparse.shape == (12, 12 if concat else 3)
+    assert out.shape == (12, 12 if concat else 3)
+
+
+def test_gat_logits_are_a_applied_to_the_concatenation_eq_1_and_3():
+    """e_ij = LeakyReLU(a^T [W h_i || W h_j]) with the concatenation built edge by edge, against the
+    layer's split a = [a_dst || a_src]: the softmax of those e_ij is the layer's alpha_ij."""
+    torch.manual_seed(9)
+    edge_index, x = prepare_edges(random_graph(seed=9), 12), torch.randn(12, 5)
+    conv = GATConv(5, 3, heads=2).eval()
+    _, alpha = conv(x, edge_index, return_attention=True)
+    wh = (x @ conv.weight).view(12, 2, 3)
+    for k in range(2):
+        a = torch.cat([conv.att_dst[k], conv.att_src[k]])
+        for i in range(12):
+            incoming = [(e, j) for e, (j, dst) in enumerate(edge_index.T.tolist()) if dst == i]
+            e_ij = torch.stack([torch.nn.functional.leaky_relu(
+                a @ torch.cat([wh[i, k], wh[j, k]]), 0.2) for _, j in incoming])
+            torch.testing.assert_close(alpha[[e for e, _ in incoming], k], e_ij.softmax(0))
 
 
 def test_gat_attention_sums_to_one_over_each_neighbourhood():
@@ -108,45 +176,52 @@ def test_gat_attention_sums_to_one_over_each_neighbourhood():
 
 def test_scatter_softmax_is_stable_and_equals_softmax_per_node():
     dst = torch.tensor([0, 0, 0, 1, 1, 2])
-    logits = torch.tensor([[1000.0], [1001.0], [999.0], [-1000.0], [-1002.0], [5.0]])  # exp() alone overflows
+    logits = torch.tensor([[1000.0], [1001.0], [999.0], [-1000.0], [-1002.0], [5.0]])  # exp: inf
     alpha = scatter_softmax(logits, dst, 3)
     expected = torch.cat([torch.softmax(logits[dst == i, 0], 0) for i in range(3)])
     torch.testing.assert_close(alpha[:, 0], expected)
 
 
-def test_neighbourhood_sum_equals_index_add_message_passing_with_its_gradients():
-    """The CSR aggregation against the explicit messages w_ji h_j summed with index_add_, values and both
-    gradients (autograd through the reference, and gradcheck's finite differences in float64)."""
-    edge_index = prepare_edges(random_graph(seed=4), 12)
-    src, dst = edge_index
-    g = torch.Generator().manual_seed(4)
-    weight = torch.rand(src.numel(), 3, generator=g, dtype=torch.float64, requires_grad=True)
-    h = torch.randn(12, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    grad_out = torch.randn(12, 3, 5, generator=g, dtype=torch.float64)
-    reference = h.new_zeros(12, 3, 5).index_add_(0, dst, weight.unsqueeze(-1) * h.index_select(0, src))
-    out = NeighbourhoodSum.apply(weight, h, edge_index)
-    torch.testing.assert_close(out, reference)
-    torch.testing.assert_close(torch.autograd.grad((out * grad_out).sum(), [weight, h]),
-                               torch.autograd.grad((reference * grad_out).sum(), [weight, h]))
-    assert torch.autograd.gradcheck(lambda w, x: NeighbourhoodSum.apply(w, x, edge_index), (weight, h))
-
-
-def test_neighbourhood_sum_rejects_edges_not_sorted_by_destination():
-    edge_index = prepare_edges(random_graph(), 12).flip(1)
-    with pytest.raises(ValueError, match="sorted by destination"):
-        NeighbourhoodSum.apply(torch.ones(edge_index.size(1), 1), torch.ones(12, 1, 2), edge_index)
-
-
-def test_gat_attention_gradient_matches_dense_autograd():
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_gat_attention_gradient_matches_dense_autograd(aggregation):
     torch.manual_seed(3)
     edge_index, x = random_graph(seed=3), torch.randn(12, 5)
-    conv = GATConv(5, 3, heads=2).eval()
+    conv = GATConv(5, 3, heads=2, aggregate=AGGREGATIONS[aggregation]).eval()
     conv(x, prepare_edges(edge_index, 12)).square().sum().backward()
-    sparse_grads = [p.grad.clone() for p in conv.parameters()]
+    grads = [p.grad.clone() for p in conv.parameters()]
     conv.zero_grad()
-    conv.forward_dense(x[None], brute_force_adjacency(edge_index, 12)[None]).square().sum().backward()
-    for sparse_grad, p in zip(sparse_grads, conv.parameters()):
-        torch.testing.assert_close(sparse_grad, p.grad)
+    adj = brute_force_adjacency(edge_index, 12)[None]
+    model.dense_gat(conv, x[None], adj).square().sum().backward()
+    for grad, p in zip(grads, conv.parameters()):
+        torch.testing.assert_close(grad, p.grad)
+
+
+@pytest.mark.parametrize("kind", ["gcn", "gat"])
+def test_csr_networks_equal_the_plain_networks_values_and_gradients(kind):
+    """What train.py runs (the CSR sums) against model.py's plain networks, the same weights."""
+    torch.manual_seed(10)
+    edge_index, x = prepare_edges(random_graph(seed=10), 12), torch.randn(12, 5)
+    pairs = []
+    for aggregate in [neighbourhood_sum, NeighbourhoodSum.apply]:
+        torch.manual_seed(11)
+        node = NodeClassifier(kind, 5, 4, 3, heads=2, aggregate=aggregate).eval()
+        graph = GraphClassifier(kind, 5, 8, 3, layers=2, heads=2, aggregate=aggregate).eval()
+        batch = torch.tensor([0] * 6 + [1] * 6)
+        loss = node(x, edge_index).square().sum() + graph(x, edge_index, batch, 2).square().sum()
+        loss.backward()
+        pairs.append((loss, [p.grad for p in [*node.parameters(), *graph.parameters()]]))
+    torch.testing.assert_close(pairs[0][0], pairs[1][0])
+    torch.testing.assert_close(pairs[0][1], pairs[1][1])
+
+
+@pytest.mark.parametrize("kind", ["gcn", "gat"])
+def test_node_classifier_equals_dense_reference(kind):
+    torch.manual_seed(12)
+    edge_index, x = random_graph(seed=12), torch.randn(12, 5)
+    net = NodeClassifier(kind, 5, 4, 3, heads=2).eval()
+    adj = brute_force_adjacency(edge_index, 12)
+    torch.testing.assert_close(net(x, prepare_edges(edge_index, 12)),
+                               model.dense_node_classifier(net, x[None], adj[None])[0])
 
 
 @pytest.mark.parametrize("kind", ["gcn", "gat"])
@@ -173,30 +248,37 @@ def test_graph_readout_is_invariant_to_node_order(readout):
 
 def test_global_pool_equals_per_graph_reduction():
     x, batch = torch.randn(10, 4), torch.tensor([0, 0, 2, 2, 2, 1, 0, 1, 2, 2])
-    torch.testing.assert_close(global_pool(x, batch, 3, "mean"), torch.stack([x[batch == g].mean(0) for g in range(3)]))
-    torch.testing.assert_close(global_pool(x, batch, 3, "max"), torch.stack([x[batch == g].amax(0) for g in range(3)]))
+    torch.testing.assert_close(global_pool(x, batch, 3, "mean"),
+                               torch.stack([x[batch == g].mean(0) for g in range(3)]))
+    torch.testing.assert_close(global_pool(x, batch, 3, "max"),
+                               torch.stack([x[batch == g].amax(0) for g in range(3)]))
 
 
-def test_block_diagonal_batch_equals_dense_batched_reference():
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+def test_block_diagonal_batch_equals_dense_batched_reference(aggregation):
     torch.manual_seed(6)
     edge_index = prepare_edges(gnns_data.grid_graph(4, 5), 20)
     images = torch.randint(0, 256, (3, 4, 5), dtype=torch.uint8)
-    x = gnns_data.pixel_features(images)                                            # (3, 20, 3)
+    x = gnns_data.pixel_features(images)                                  # (3, 20, 3)
     edges, batch = gnns_data.block_diagonal(edge_index, 20, 3)
     for kind in ["gcn", "gat"]:
-        net = GraphClassifier(kind, 3, 8, 10, layers=2, heads=2).eval()
+        net = GraphClassifier(kind, 3, 8, 10, layers=2, heads=2,
+                              aggregate=AGGREGATIONS[aggregation]).eval()
         adj = model.dense_adjacency(edge_index, 20).expand(3, 20, 20)
-        torch.testing.assert_close(net(x.view(-1, 3), edges, batch, 3), net.forward_dense(x, adj))
+        torch.testing.assert_close(net(x.view(-1, 3), edges, batch, 3),
+                                   model.dense_graph_classifier(net, x, adj))
 
 
 @pytest.mark.parametrize("height,width", [(1, 1), (1, 4), (3, 3), (28, 28), (5, 7)])
 def test_grid_graph_has_the_8_neighbour_edge_count(height, width):
     edge_index = gnns_data.grid_graph(height, width)
     expected = {(y1 * width + x1, y2 * width + x2)
-                for y1 in range(height) for x1 in range(width) for y2 in range(height) for x2 in range(width)
+                for y1 in range(height) for x1 in range(width)
+                for y2 in range(height) for x2 in range(width)
                 if (y1, x1) != (y2, x2) and abs(y1 - y2) <= 1 and abs(x1 - x2) <= 1}
     assert sorted(map(tuple, edge_index.T.tolist())) == sorted(expected)
-    assert edge_index.size(1) == 2 * (height * (width - 1) + (height - 1) * width + 2 * (height - 1) * (width - 1))
+    assert edge_index.size(1) == 2 * (height * (width - 1) + (height - 1) * width
+                                      + 2 * (height - 1) * (width - 1))
 
 
 def test_edge_index_out_of_range_is_a_one_line_error():
@@ -206,14 +288,14 @@ def test_edge_index_out_of_range_is_a_one_line_error():
 
 
 def test_tiny_gcn_fits_a_toy_graph_task():
-    """Two communities, features pure noise: only the edges tell the classes apart, so fitting needs messages."""
+    """Two communities, features pure noise: only the edges tell the classes apart."""
     torch.manual_seed(7)
     labels = torch.arange(40) % 2
     pairs = torch.randint(0, 40, (2, 400))
-    pairs = pairs[:, labels[pairs[0]] == labels[pairs[1]]]                      # edges inside a community only
+    pairs = pairs[:, labels[pairs[0]] == labels[pairs[1]]]          # edges inside a community
     edge_index = prepare_edges(torch.cat([pairs, pairs.flip(0)], 1), 40)
     x = torch.randn(40, 4)
-    x[:2] += torch.tensor([[3.0, 0, 0, 0], [0, 3.0, 0, 0]])                     # two seed nodes carry the signal
+    x[:2] += torch.tensor([[3.0, 0, 0, 0], [0, 3.0, 0, 0]])          # two nodes carry the signal
     net = NodeClassifier("gcn", 4, 16, 2, dropout=0.0)
     optimizer = torch.optim.Adam(net.parameters(), lr=0.05)
     for _ in range(100):
@@ -228,35 +310,37 @@ def test_tiny_gcn_fits_a_toy_graph_task():
 # Data: fake Planetoid files and a fake MNIST in torchvision's raw layout
 
 
-def write_fake_planetoid(root, name="cora", num_classes=3, features=20, num_nodes=660, seed=0):
-    """A Planetoid-format graph: 2 communities-per-class, 10 labelled nodes per class, 500 val, 100 test nodes
-    whose ids in ind.<name>.test.index are shuffled (as in the real files). Returns (features, labels) per node."""
+def write_fake_planetoid(root, name="cora", num_classes=3, features=20, num_nodes=660, seed=0,
+                         protocol=pickle.DEFAULT_PROTOCOL):
+    """A Planetoid-format graph: 10 labelled nodes per class, 500 val, 100 test nodes whose ids in
+    ind.<name>.test.index are shuffled (as in the real files). Returns (features, labels)."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, num_classes, num_nodes)
     labels[:30] = np.arange(30) % num_classes
     x = rng.random((num_nodes, features)) * 0.5
     x[np.arange(num_nodes), labels] += 2.0
-    graph = {i: [] for i in range(num_nodes)}
+    graph = collections.defaultdict(list)  # as in the real files
     for _ in range(4 * num_nodes):
         i, j = rng.integers(0, num_nodes, 2)
         if labels[i] == labels[j]:
-            graph[i].append(j)
-            graph[j].append(i)
+            graph[int(i)].append(int(j))
+            graph[int(j)].append(int(i))
     onehot = np.eye(num_classes)[labels]
     test_index = rng.permutation(np.arange(560, 660))
     raw = Path(root) / gnns_data.CITATION[name] / "raw"
     raw.mkdir(parents=True)
-    parts = {"x": sp.csr_matrix(x[:30]), "y": onehot[:30], "allx": sp.csr_matrix(x[:560]), "ally": onehot[:560],
-             "tx": sp.csr_matrix(x[test_index]), "ty": onehot[test_index], "graph": graph}
+    parts = {"x": sp.csr_matrix(x[:30]), "y": onehot[:30], "allx": sp.csr_matrix(x[:560]),
+             "ally": onehot[:560], "tx": sp.csr_matrix(x[test_index]), "ty": onehot[test_index],
+             "graph": graph}
     for part, obj in parts.items():
         with open(raw / f"ind.{name}.{part}", "wb") as f:
-            pickle.dump(obj, f)
+            pickle.dump(obj, f, protocol=protocol)
     (raw / f"ind.{name}.test.index").write_text("\n".join(map(str, test_index)))
     return x, labels
 
 
 def write_fake_mnist(root, folder="MNIST", train_size=48, test_size=16, size=8, seed=0):
-    """Idx files in torchvision's raw layout; digit k is a bright horizontal bar in row k (learnable)."""
+    """Idx files in torchvision's raw layout; digit k is a bright horizontal bar in row k."""
     rng = np.random.default_rng(seed)
     raw = Path(root) / folder / "raw"
     raw.mkdir(parents=True)
@@ -266,13 +350,17 @@ def write_fake_mnist(root, folder="MNIST", train_size=48, test_size=16, size=8, 
         images[np.arange(n), labels * 2] = 250
         (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
             np.array([2051, n, size, size], dtype=">i4").tobytes() + images.tobytes())
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(np.array([2049, n], dtype=">i4").tobytes() + labels.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            np.array([2049, n], dtype=">i4").tobytes() + labels.tobytes())
 
 
-def test_planetoid_loader_puts_test_rows_back_in_place(tmp_path):
-    x, labels = write_fake_planetoid(tmp_path)
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_planetoid_loader_puts_test_rows_back_in_place(tmp_path, protocol):
+    """Also: files pickled by today's Python, old and new protocols, pass the restricted loader."""
+    x, labels = write_fake_planetoid(tmp_path, protocol=protocol)
     data = gnns_data.load_planetoid(tmp_path, "cora")
-    torch.testing.assert_close(data["x"].to_dense(), torch.tensor(x / x.sum(1, keepdims=True), dtype=torch.float32))
+    torch.testing.assert_close(data["x"].to_dense(),
+                               torch.tensor(x / x.sum(1, keepdims=True), dtype=torch.float32))
     assert data["y"].tolist() == labels.tolist()
     assert (len(data["train"]), len(data["val"]), len(data["test"])) == (30, 500, 100)
 
@@ -281,15 +369,62 @@ def test_planetoid_loader_puts_test_rows_back_in_place(tmp_path):
     ("cora", 2708, 1433, 10556, (140, 500, 1000), [351, 217, 418, 818, 426, 298, 180]),
     ("citeseer", 3327, 3703, 9104, (120, 500, 1000), [264, 590, 668, 701, 596, 508]),
 ])
-def test_planetoid_loader_reproduces_the_standard_split(task, nodes, features, edges, split, class_counts):
+def test_planetoid_loader_reproduces_the_standard_split(task, nodes, features, edges, split,
+                                                        class_counts):
+    """The real files, through the restricted unpickler."""
     if not (DATA_DIR / gnns_data.CITATION[task] / "raw" / f"ind.{task}.graph").exists():
         pytest.skip(f"{gnns_data.CITATION[task]} Planetoid files are not in DATA_DIR={DATA_DIR}")
     data = gnns_data.load_planetoid(DATA_DIR, task)
     assert tuple(data["x"].shape) == (nodes, features)
-    assert data["edge_index"].size(1) == edges + nodes  # undirected edges both ways, plus self-loops
+    assert data["edge_index"].size(1) == edges + nodes  # undirected edges both ways, self-loops
     assert (len(data["train"]), len(data["val"]), len(data["test"])) == split
-    assert torch.bincount(data["y"][data["train"]]).tolist() == [20] * len(class_counts)  # 20 labels per class
+    assert torch.bincount(data["y"][data["train"]]).tolist() == [20] * len(class_counts)
     assert torch.bincount(data["y"]).tolist() == class_counts
+
+
+class WritesAMarker:
+    """A booby trap: unpickling it calls `function(argument)`, e.g. os.system("touch marker")."""
+
+    def __init__(self, function, argument):
+        self.function, self.argument = function, argument
+
+    def __reduce__(self):
+        return self.function, (self.argument,)
+
+
+@pytest.mark.parametrize("part,payload", [("x", "os.system"), ("graph", "eval"),
+                                          ("ally", "exec")])
+def test_a_booby_trapped_planetoid_file_runs_nothing_and_ends_in_one_line(tmp_path, part, payload):
+    """A pickle whose __reduce__ calls os.system / eval / exec to write a marker file: train.py
+    refuses it before anything in it runs, in one line that names the file, and writes nothing."""
+    write_fake_planetoid(tmp_path / "data")
+    marker = tmp_path / "pwned"
+    trap = {"os.system": WritesAMarker(os.system, f"touch {marker}"),
+            "eval": WritesAMarker(eval, f"open({str(marker)!r}, 'w').close()"),
+            "exec": WritesAMarker(exec, f"open({str(marker)!r}, 'w').close()")}[payload]
+    path = tmp_path / "data" / "Cora" / "raw" / f"ind.cora.{part}"
+    path.write_bytes(pickle.dumps(trap, protocol=2))
+    result = subprocess.run([sys.executable, "train.py", "--data-dir", str(tmp_path / "data"),
+                             "--out-dir", str(tmp_path / "run")], cwd=HERE, capture_output=True,
+                            text=True)
+    assert not marker.exists(), "the pickle ran its payload"
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert result.stderr.startswith(f"error: refused to load {path}")
+    assert not (tmp_path / "run").exists()
+
+
+def test_planetoid_files_of_the_wrong_type_or_truncated_end_in_one_line(tmp_path):
+    write_fake_planetoid(tmp_path / "data")
+    raw = tmp_path / "data" / "Cora" / "raw"
+    (raw / "ind.cora.y").write_bytes(pickle.dumps([1, 2, 3]))            # a list, not an array
+    with pytest.raises(SystemExit, match="holds a list, not the ndarray") as excinfo:
+        gnns_data.load_planetoid(tmp_path / "data", "cora")
+    assert "\n" not in str(excinfo.value)
+    (raw / "ind.cora.y").write_bytes(pickle.dumps(np.eye(3))[:40])        # truncated
+    with pytest.raises(SystemExit, match="ind.cora.y is present but corrupt") as excinfo:
+        gnns_data.load_planetoid(tmp_path / "data", "cora")
+    assert "\n" not in str(excinfo.value)
 
 
 def test_missing_planetoid_files_offline_exit_and_leave_nothing(tmp_path, monkeypatch):
@@ -298,40 +433,66 @@ def test_missing_planetoid_files_offline_exit_and_leave_nothing(tmp_path, monkey
     monkeypatch.setattr(urllib.request, "urlretrieve", offline)
     with pytest.raises(SystemExit) as excinfo:
         gnns_data.load_planetoid(tmp_path / "data", "cora")
-    assert str(excinfo.value).startswith("error: Cora not found") and "--data-dir" in str(excinfo.value)
+    message = str(excinfo.value)
+    assert message.startswith("error: Cora not found") and "--data-dir" in message
+    assert not (tmp_path / "data").exists()
+
+
+def test_mnist_loader_offline_exit_leaves_nothing(tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(self):
+        (Path(self.raw_folder)).mkdir(parents=True, exist_ok=True)
+        (Path(self.raw_folder) / "train-images-idx3-ubyte.gz").write_bytes(b"partial")
+        raise RuntimeError("network unreachable")
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", offline)
+    with pytest.raises(SystemExit) as excinfo:
+        gnns_data.load_images(tmp_path / "data", "mnist", train=True)
+    message = str(excinfo.value)
+    assert message.startswith("error: MNIST is not in") and "\n" not in message
     assert not (tmp_path / "data").exists()
 
 
 # -----------------------------------------------------------------------------
-# End to end: training, seeds, checkpoints, resume, sample.py
+# End to end: training, seeds, checkpoints, resume, the clock, sample.py
+
+
+def history_without_time(ckpt):
+    history = ckpt["train_state"]["history"]
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
 
 
 def test_citation_training_learns_and_same_seed_gives_same_run(tmp_path, capsys):
     write_fake_planetoid(tmp_path / "data")
     runs = []
-    for name in ["a", "b"]:
+    for name, aggregation in [("a", "sparse"), ("b", "sparse"), ("plain", "index_add")]:
         train.main(["--task", "cora", "--model", "gat", "--epochs", "15", "--heads", "2",
-                    "--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / name)])
+                    "--aggregation", aggregation, "--data-dir", str(tmp_path / "data"),
+                    "--out-dir", str(tmp_path / name)])
         runs.append(torch.load(tmp_path / name / "ckpt.pt", weights_only=True))
     history = runs[0]["train_state"]["history"]
     assert history[-2]["train_loss"] < history[0]["train_loss"]
-    without_time = [[{k: v for k, v in row.items() if k != "seconds"} for row in run["train_state"]["history"]]
-                    for run in runs]
-    assert without_time[0] == without_time[1]
+    assert history_without_time(runs[0]) == history_without_time(runs[1])
     assert runs[0]["test_acc"] > 0.9
+    # model.py's plain index_add_ sums train the same network, up to float rounding
+    for fast, plain in zip(runs[0]["train_state"]["history"], runs[2]["train_state"]["history"]):
+        assert fast.get("train_loss", 0) == pytest.approx(plain.get("train_loss", 0), rel=1e-4)
     # sample.py rebuilds the model from the checkpoint alone and gets the same test accuracy
     capsys.readouterr()
-    sample.main([str(tmp_path / "a" / "ckpt.pt"), "--eval", "--data-dir", str(tmp_path / "data")])
+    sample.main(["--checkpoint", str(tmp_path / "a" / "ckpt.pt"), "--eval",
+                 "--data-dir", str(tmp_path / "data")])
     assert f"test accuracy {runs[0]['test_acc']:.4f}" in capsys.readouterr().out
 
 
 def train_whole_and_in_halves(tmp_path, common, epochs, interrupt=None):
-    """Train for `epochs` in one run, and in a run stopped early by the `interrupt` flags (default: after half the
-    epochs) then --resume'd to the end: both checkpoints, whose weights must be equal."""
+    """Train for `epochs` in one run, and in a run stopped early by the `interrupt` flags (default:
+    after half the epochs) then --resume'd to the end: both checkpoints, whose weights must be
+    equal."""
     train.main([*common, "--epochs", str(epochs), "--out-dir", str(tmp_path / "full")])
     interrupt = interrupt or ["--epochs", str(epochs // 2)]
     train.main([*common, "--epochs", str(epochs), *interrupt, "--out-dir", str(tmp_path / "half")])
-    train.main([*common, "--epochs", str(epochs), "--out-dir", str(tmp_path / "half"), "--resume", str(tmp_path / "half" / "ckpt.pt")])
+    train.main([*common, "--epochs", str(epochs), "--out-dir", str(tmp_path / "half"),
+                "--resume", str(tmp_path / "half" / "ckpt.pt")])
     full, half = (torch.load(tmp_path / d / "ckpt.pt", weights_only=True) for d in ["full", "half"])
     for key in full["model"]:
         assert torch.equal(full["model"][key], half["model"][key]), key
@@ -345,23 +506,85 @@ def test_citation_resume_continues_exactly(tmp_path):
     assert full["test_acc"] == half["test_acc"]
 
 
+def test_citation_max_minutes_stops_with_a_checkpoint_that_resumes_exactly(tmp_path, capsys):
+    """The clock stops the run after its first epoch: a resumable checkpoint, no test accuracy yet
+    (the test nodes are evaluated once, at the end); --resume finishes it as if never stopped."""
+    write_fake_planetoid(tmp_path / "data")
+    common = ["--task", "cora", "--model", "gat", "--heads", "2", "--patience", "1000",
+              "--data-dir", str(tmp_path / "data")]
+    train.main([*common, "--epochs", "6", "--max-minutes", "1e-9",
+                "--out-dir", str(tmp_path / "x")])
+    stopped = torch.load(tmp_path / "x" / "ckpt.pt", weights_only=True)
+    assert stopped["step"] == 1 and stopped["test_acc"] is None
+    assert "stopped after" in capsys.readouterr().err
+    full, half = train_whole_and_in_halves(tmp_path, common, epochs=6,
+                                           interrupt=["--max-minutes", "1e-9"])
+    assert full["test_acc"] == half["test_acc"]
+    assert history_without_time(full) == history_without_time(half)
+
+
+def test_ctrl_c_stops_at_the_next_check_with_a_checkpoint(tmp_path, monkeypatch, capsys):
+    """A real SIGINT during training: the loop stops at its next check, saves, and Ctrl-C gets its
+    old meaning back."""
+    write_fake_planetoid(tmp_path / "data")
+
+    class CtrlCDuringTheFirstEpoch(train.Clock):
+        def done(self):
+            if not self.interrupted:
+                signal.raise_signal(signal.SIGINT)
+            return super().done()
+    monkeypatch.setattr(train, "Clock", CtrlCDuringTheFirstEpoch)
+    handler = signal.getsignal(signal.SIGINT)
+    train.main(["--task", "cora", "--epochs", "5", "--data-dir", str(tmp_path / "data"),
+                "--out-dir", str(tmp_path / "run")])
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["step"] == 1
+    assert "interrupted" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
 def test_image_graph_training_learns_resumes_exactly_and_draws(tmp_path, capsys):
     data = tmp_path / "data"
     write_fake_mnist(data, "FashionMNIST")
-    common = ["--task", "fashion-mnist", "--model", "gat", "--batch-size", "16", "--lr", "0.02", "--hidden", "16",
-              "--layers", "2", "--log-every", "1", "--data-dir", str(data)]
-    # stopped by the clock after its first step (mid-epoch): the cosine schedule spans --epochs, so it stays 4
-    full, _ = train_whole_and_in_halves(tmp_path, common, epochs=4, interrupt=["--max-minutes", "1e-9"])
-    losses = [r["train_loss"] for r in full["train_state"]["history"] if r["train_loss"] != ""]
+    common = ["--task", "fashion_mnist", "--model", "gat", "--batch-size", "16", "--lr", "0.02",
+              "--hidden", "16", "--layers", "2", "--log-every", "1", "--data-dir", str(data)]
+    # stopped by the clock after its first step (mid-epoch): the cosine still spans --epochs 4
+    full, half = train_whole_and_in_halves(tmp_path, common, epochs=4,
+                                           interrupt=["--max-minutes", "1e-9"])
+    assert history_without_time(full) == history_without_time(half)
+    losses = [r["train_loss"] for r in full["train_state"]["history"] if "train_loss" in r]
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
-    assert (tmp_path / "full" / "metrics.csv").read_text().count("\n") == len(full["train_state"]["history"]) + 1
+    lines = (tmp_path / "full" / "metrics.csv").read_text().count("\n")
+    assert lines == len(full["train_state"]["history"]) + 1
 
     capsys.readouterr()
-    sample.main([str(tmp_path / "full" / "ckpt.pt"), str(tmp_path / "half" / "ckpt.pt"), "--eval", "--attention",
-                 "--training", "--data-dir", str(data), "--images-dir", str(tmp_path / "images")])
+    sample.main(["--checkpoint", str(tmp_path / "full" / "ckpt.pt"),
+                 str(tmp_path / "half" / "ckpt.pt"), "--eval", "--attention", "--training",
+                 "--data-dir", str(data), "--out-dir", str(tmp_path / "images")])
     assert f"test accuracy {full['test_acc']:.4f}" in capsys.readouterr().out
     for picture in ["gnns_attention.png", "gnns_training.png"]:
         assert (tmp_path / "images" / picture).stat().st_size > 1000
+
+
+def test_sample_sets_batchnorm_statistics_of_a_checkpoint_stopped_mid_epoch(tmp_path, capsys):
+    """A checkpoint saved by the clock mid-epoch still holds the lagging running averages: sample.py
+    evaluates it as train.py's epoch end would, with precise statistics from the training images."""
+    data = tmp_path / "data"
+    write_fake_mnist(data)
+    train.main(["--task", "mnist", "--batch-size", "16", "--hidden", "8", "--layers", "1",
+                "--max-minutes", "1e-9", "--data-dir", str(data), "--out-dir", str(tmp_path / "r")])
+    ckpt = torch.load(tmp_path / "r" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 1
+    net = train.build_model(ckpt["model_args"])
+    net.load_state_dict(ckpt["model"])
+    images, labels = gnns_data.load_images(data, "mnist", train=False)
+    edge_index = prepare_edges(gnns_data.grid_graph(8, 8), 64)
+    train.precise_batchnorm(net, gnns_data.load_images(data, "mnist", train=True)[0], edge_index,
+                            "cpu")
+    expected = train.evaluate_images(net, images, labels, edge_index, "cpu")
+    capsys.readouterr()
+    sample.main(["--checkpoint", str(tmp_path / "r" / "ckpt.pt"), "--eval",
+                 "--data-dir", str(data)])
+    assert f"test accuracy {expected:.4f}" in capsys.readouterr().out
 
 
 def test_cosine_lr_decays_from_lr_to_zero():
@@ -370,8 +593,9 @@ def test_cosine_lr_decays_from_lr_to_zero():
 
 
 def test_precise_batchnorm_sets_the_exact_statistics_of_the_pooled_vectors():
-    """After precise_batchnorm, the head's BatchNorm holds the mean and (unbiased) variance of the pooled vectors
-    of exactly those images, read here from a hook on its input, whatever stale averages it held before."""
+    """After precise_batchnorm, the head's BatchNorm holds the mean and (unbiased) variance of the
+    pooled vectors of exactly those images, read from a hook on its input, whatever stale averages
+    it held before."""
     torch.manual_seed(5)
     images = torch.randint(0, 256, (40, 6, 6), dtype=torch.uint8)
     edge_index = prepare_edges(gnns_data.grid_graph(6, 6), 36)
@@ -381,64 +605,88 @@ def test_precise_batchnorm_sets_the_exact_statistics_of_the_pooled_vectors():
     seen = []
     net.head.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
     train.precise_batchnorm(net, images, edge_index, "cpu")
-    pooled = torch.cat(seen)                                                   # (40, 8)
+    pooled = torch.cat(seen)                                                 # (40, 8)
     torch.testing.assert_close(norm.running_mean, pooled.mean(0))
     torch.testing.assert_close(norm.running_var, pooled.var(0))
     assert norm.momentum == 0.1
 
 
-def test_benchmark_times_sparse_and_dense_steps(tmp_path, capsys):
+def test_benchmark_times_every_implementation(tmp_path, capsys):
     write_fake_mnist(tmp_path, train_size=8, test_size=2)
-    gnns_benchmark.main(["--batch-size", "2", "--batches", "1", "--hidden", "8", "--layers", "1", "--heads", "2",
-                         "--impls", "sparse", "dense", "free", "--data-dir", str(tmp_path)])
+    gnns_benchmark.main(["--batch-size", "2", "--batches", "1", "--hidden", "8", "--layers", "1",
+                         "--heads", "2", "--impls", "sparse", "index_add", "dense", "free",
+                         "--data-dir", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "gcn: dense / sparse time per step" in out and "gat: dense / sparse time per step" in out
-    assert "gcn: dense / free" in out and "gat: dense / free" in out
-    assert gnns_benchmark.model.NeighbourhoodSum is model.NeighbourhoodSum  # `free` put the real aggregation back
-
-
-def test_mnist_loader_offline_exit_leaves_nothing(tmp_path, monkeypatch):
-    import torchvision
-
-    def offline(self):
-        (Path(self.raw_folder)).mkdir(parents=True, exist_ok=True)
-        (Path(self.raw_folder) / "train-images-idx3-ubyte.gz").write_bytes(b"partial")
-        raise RuntimeError("network unreachable")
-    monkeypatch.setattr(torchvision.datasets.MNIST, "download", offline)
-    with pytest.raises(SystemExit) as excinfo:
-        gnns_data.load_images(tmp_path / "data", "mnist", train=True)
-    assert str(excinfo.value).startswith("error: MNIST not found") and not (tmp_path / "data").exists()
+    for kind in ["gcn", "gat"]:
+        assert f"{kind}: dense / sparse time per step" in out and f"{kind}: dense / free" in out
+        assert f"{kind}: index_add / sparse time per step" in out
 
 
 # -----------------------------------------------------------------------------
 # Errors a user can cause: one line, non-zero exit, no traceback
 
 
-def test_checkpoint_errors_are_one_line(tmp_path):
-    (tmp_path / "truncated.pt").write_bytes(b"PK\x03\x04 not a whole zip")
-    torch.save({"folder": "gpt"}, tmp_path / "other.pt")
-    for path, message in [(tmp_path / "missing.pt", "does not exist"), (tmp_path / "truncated.pt", "truncated or corrupt"),
-                          (tmp_path / "other.pt", "not written by gnns/")]:
-        with pytest.raises(SystemExit) as excinfo:
-            train.load_checkpoint(str(path))
-        assert message in str(excinfo.value) and "\n" not in str(excinfo.value)
+def one_line_exit(argv, main=train.main):
+    with pytest.raises(SystemExit) as excinfo:
+        main(argv)
+    return excinfo.value
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])
+def test_a_bad_lr_is_a_parser_error_before_any_training(tmp_path, capsys, value):
+    exit = one_line_exit(["--lr", value, "--data-dir", str(tmp_path / "none"),
+                          "--out-dir", str(tmp_path / "run")])
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # argparse's usage line, then this
+    assert exit.code == 2 and "error:" in last and "--lr" in last
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_flags_are_parser_errors(capsys):
+    for argv in [["--dropout", "1.5"], ["--epochs", "0"], ["--heads", "0"],
+                 ["--task", "mnist", "--model", "gat", "--hidden", "10"],
+                 ["--runs", "2", "--resume", "x.pt"], ["--task", "mnist", "--batch-size", "1"],
+                 ["--task", "fashion-mnist"]]:
+        assert one_line_exit(argv).code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_an_out_dir_that_is_a_file_is_a_one_line_error(tmp_path):
+    write_fake_planetoid(tmp_path / "data")
+    (tmp_path / "taken").write_text("a file")
+    exit = one_line_exit(["--data-dir", str(tmp_path / "data"),
+                          "--out-dir", str(tmp_path / "taken")])
+    assert "is a file, not a folder" in str(exit.code) and "\n" not in str(exit.code)
+
+
+def test_checkpoint_errors_are_one_line_in_resume_and_sample(tmp_path):
+    write_fake_planetoid(tmp_path / "data")
+    train.main(["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run"),
+                "--epochs", "2"])
+    good = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    torch.save({k: v for k, v in good.items() if k != "model"}, tmp_path / "no_model.pt")
+    torch.save({**good, "x": WritesAMarker(print, "ran")}, tmp_path / "custom_class.pt")
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "run" / "ckpt.pt").read_bytes()[:200])
+    torch.save({"folder": "gpt", "model": {}}, tmp_path / "other.pt")
+    cases = [("no_model.pt", "lacks the key(s) 'model'"),
+             ("custom_class.pt", "holds objects that are not allowed to load"),
+             ("truncated.pt", "truncated or corrupt"), ("other.pt", "not written by gnns/"),
+             ("missing.pt", "not found"), ("", "is a folder")]
+    for name, message in cases:
+        path = str(tmp_path / name)
+        for script, argv in [(train.main, ["--data-dir", str(tmp_path / "data"), "--out-dir",
+                                           str(tmp_path / "again"), "--resume", path]),
+                             (sample.main, ["--checkpoint", path, "--eval"])]:
+            exit = one_line_exit(argv, script)
+            assert message in str(exit.code) and "\n" not in str(exit.code), (name, exit.code)
 
 
 def test_resuming_another_task_is_a_one_line_error(tmp_path):
     write_fake_planetoid(tmp_path / "data")
-    common = ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run"), "--epochs", "2"]
+    common = ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run"),
+              "--epochs", "2"]
     train.main(["--task", "cora", *common])
-    with pytest.raises(SystemExit) as excinfo:
-        train.main(["--task", "cora", "--model", "gat", *common, "--resume", str(tmp_path / "run" / "ckpt.pt")])
-    assert "resume it with the same --task" in str(excinfo.value) and "\n" not in str(excinfo.value)
-
-
-def test_bad_flags_are_parser_errors(capsys):
-    for argv in [["--dropout", "1.5"], ["--epochs", "0"], ["--task", "mnist", "--model", "gat", "--hidden", "10"],
-                 ["--runs", "2", "--resume", "x.pt"], ["--task", "mnist", "--batch-size", "1"]]:
-        with pytest.raises(SystemExit) as excinfo:
-            train.get_args(argv)
-        assert excinfo.value.code == 2 and "error:" in capsys.readouterr().err
+    exit = one_line_exit(["--task", "cora", "--model", "gat", *common,
+                          "--resume", str(tmp_path / "run" / "ckpt.pt")])
+    assert "resume it with the same --task" in str(exit.code) and "\n" not in str(exit.code)
 
 
 def test_scripts_fail_with_one_line_for_a_bad_graph_and_a_foreign_checkpoint(tmp_path):
@@ -448,9 +696,12 @@ def test_scripts_fail_with_one_line_for_a_bad_graph_and_a_foreign_checkpoint(tmp
         pickle.dump({0: [1, 10 ** 6], 1: [0]}, f)   # an edge to a node that does not exist
     torch.save({"folder": "vit", "model": {}}, tmp_path / "vit.pt")
     for script, args, message in [
-            ("train.py", ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run")], "out of range"),
-            ("sample.py", [str(tmp_path / "vit.pt"), "--eval"], "not written by gnns/")]:
-        result = subprocess.run([sys.executable, script, *args], cwd=HERE, capture_output=True, text=True)
+            ("train.py", ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run")],
+             "out of range"),
+            ("sample.py", ["--checkpoint", str(tmp_path / "vit.pt"), "--eval"],
+             "not written by gnns/")]:
+        result = subprocess.run([sys.executable, script, *args], cwd=HERE, capture_output=True,
+                                text=True)
         assert result.returncode != 0 and "Traceback" not in result.stderr
         assert message in result.stderr and result.stderr.strip().count("\n") == 0, result.stderr
     assert not (tmp_path / "run").exists()
