@@ -1,14 +1,21 @@
-"""Masked Autoencoders Are Scalable Vision Learners (He et al., CVPR 2022), https://arxiv.org/abs/2111.06377
+"""Masked Autoencoders Are Scalable Vision Learners (He et al., CVPR 2022), arXiv:2111.06377
 
 Read top to bottom in the paper's order (Sec. 3):
-  patchify / unpatchify                 the image as a sequence of N = (H/p)(W/p) patches
-  get_2d_sincos_pos_embed               the fixed 2-D sine-cosine position embeddings
-  random_masking                        "Masking": shuffle each sample's patches by argsort of noise, keep the first
-  Attention, MLP, Block                 a standard pre-norm ViT block
-  MAEEncoder                            "MAE encoder": a ViT applied to the visible patches only (+ [CLS])
-  MAEDecoder                            "MAE decoder": narrow and shallow, sees visible tokens + shared mask tokens
-  MaskedAutoencoder.forward_loss        "Reconstruction target": MSE on masked patches, optionally normalised pixels
-  ViTClassifier                         the encoder reused for linear probing and fine-tuning (Sec. 4)
+  patchify / unpatchify, PatchEmbed  the image as a sequence of N = (H/p)(W/p) patches, embedded
+  get_2d_sincos_pos_embed            the fixed 2-D sine-cosine position embeddings
+  random_masking                     "Masking": shuffle each sample's patches by argsort of noise,
+                                     keep the first
+  Attention, MLP, Block              a standard pre-norm ViT block
+  MAEEncoder                         "MAE encoder": a ViT on the visible patches only (+ [CLS])
+  MAEDecoder                         "MAE decoder": narrow and shallow, sees the visible tokens
+                                     + shared mask tokens
+  MaskedAutoencoder.forward_loss     "Reconstruction target": MSE on the masked patches,
+                                     optionally of per-patch normalised pixels
+  ViTClassifier                      the encoder reused for linear probing and fine-tuning (Sec. 4)
+
+Parameter names are the paper's code's (and timm's): patch_embed.proj, cls_token, pos_embed, blocks
+(norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2), norm; decoder_embed, mask_token,
+decoder_pos_embed, decoder_blocks, decoder_norm, decoder_pred; head.
 """
 import math
 
@@ -16,13 +23,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Patches
 
 
 def patchify(imgs, patch_size):
-    """(B, C, H, W) -> (B, N, p*p*C), patches in row-major order, each flattened as (p, p, C) like the paper's code."""
+    """(B, C, H, W) -> (B, N, p*p*C): patches in row-major order, each flattened as (p, p, C)
+    like the paper's code."""
     B, C, H, W = imgs.shape
     p = patch_size
     h, w = H // p, W // p
@@ -41,12 +48,14 @@ def unpatchify(x, patch_size, channels):
     return x.reshape(B, channels, h * p, w * p)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Position embeddings: fixed 2-D sine-cosine (the paper: "we use the sine-cosine version" for both encoder and decoder)
+# --------------------------------------------------------------------------------------------------
+# Position embeddings: fixed 2-D sine-cosine (the paper: "we use the sine-cosine version", in the
+# encoder and in the decoder)
 
 
 def get_1d_sincos_pos_embed(embed_dim, positions):
-    """positions (M,) -> (M, embed_dim): [sin(pos * omega_i), cos(pos * omega_i)], omega_i = 1 / 10000^(2i / D)."""
+    """positions (M,) -> (M, embed_dim): [sin(pos * omega_i), cos(pos * omega_i)],
+    omega_i = 1 / 10000^(2i / D)."""
     omega = torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0)
     omega = 1.0 / 10000**omega  # (D/2,)
     out = positions.double()[:, None] * omega[None, :]  # (M, D/2)
@@ -54,17 +63,19 @@ def get_1d_sincos_pos_embed(embed_dim, positions):
 
 
 def get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=False):
-    """(grid_size**2 [+1], embed_dim): half the channels encode the column, half the row; a zero row for [CLS]."""
+    """(grid_size**2 [+1], embed_dim): half the channels encode the column, half the row;
+    a zero row for [CLS]."""
     assert embed_dim % 4 == 0, "2-D sin-cos embeddings need embed_dim divisible by 4"
     rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
-    emb = torch.cat([get_1d_sincos_pos_embed(embed_dim // 2, cols.flatten()),  # (N, D/2) column (x)
-                     get_1d_sincos_pos_embed(embed_dim // 2, rows.flatten())], dim=1)  # (N, D) + row (y)
+    column = get_1d_sincos_pos_embed(embed_dim // 2, cols.flatten())  # (N, D/2), x
+    row = get_1d_sincos_pos_embed(embed_dim // 2, rows.flatten())  # (N, D/2), y
+    emb = torch.cat([column, row], dim=1)  # (N, D)
     if cls_token:
         emb = torch.cat([torch.zeros(1, embed_dim, dtype=emb.dtype), emb], dim=0)
     return emb.float()
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Masking
 
 
@@ -76,8 +87,9 @@ def num_visible(num_patches, mask_ratio):
 def random_masking(x, mask_ratio):
     """Per-sample random masking by argsort of uniform noise (Sec. 3, "Masking").
 
-    x: (B, N, D) patch tokens. Returns the visible tokens (B, N_vis, D), the binary mask (B, N) with 0 = keep and
-    1 = masked in the original patch order, and ids_restore (B, N) that undoes the shuffle.
+    x: (B, N, D) patch tokens. Returns the visible tokens (B, N_vis, D), the binary mask (B, N)
+    with 0 = keep and 1 = masked in the original patch order, and ids_restore (B, N) that undoes
+    the shuffle.
     """
     B, N, D = x.shape
     len_keep = num_visible(N, mask_ratio)
@@ -92,7 +104,7 @@ def random_masking(x, mask_ratio):
     return x_visible, mask, ids_restore
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The Transformer block (pre-norm, as in ViT)
 
 
@@ -106,7 +118,8 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, C // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, C/H)
         y = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, C/H), softmax(q k^T / sqrt(d)) v
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -145,21 +158,34 @@ def init_weights(module):
         nn.init.zeros_(module.bias)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Encoder: a ViT that sees only the visible patches
 
 
+class PatchEmbed(nn.Module):
+    """Each p x p patch, flattened, times one matrix: a stride-p convolution, as a matmul."""
+
+    def __init__(self, patch_size, in_chans, embed_dim):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Linear(patch_size * patch_size * in_chans, embed_dim)
+
+    def forward(self, imgs):
+        return self.proj(patchify(imgs, self.patch_size))  # (B, N, D)
+
+
 class MAEEncoder(nn.Module):
-    def __init__(self, img_size=28, patch_size=7, in_chans=1, embed_dim=64, depth=4, num_heads=4, mlp_ratio=4.0):
+    def __init__(self, img_size=28, patch_size=7, in_chans=1, embed_dim=64, depth=4, num_heads=4,
+                 mlp_ratio=4.0):
         super().__init__()
         assert img_size % patch_size == 0, "the image size must be a multiple of the patch size"
         self.patch_size, self.in_chans = patch_size, in_chans
         self.grid_size = img_size // patch_size
         self.num_patches = self.grid_size**2
-        self.patch_embed = nn.Linear(patch_size * patch_size * in_chans, embed_dim)  # a stride-p conv, written as a matmul
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.register_buffer("pos_embed", get_2d_sincos_pos_embed(embed_dim, self.grid_size, cls_token=True)[None],
-                             persistent=False)  # (1, N+1, D), fixed
+        pos_embed = get_2d_sincos_pos_embed(embed_dim, self.grid_size, cls_token=True)[None]
+        self.register_buffer("pos_embed", pos_embed, persistent=False)  # (1, N+1, D), fixed
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.apply(init_weights)
@@ -168,10 +194,11 @@ class MAEEncoder(nn.Module):
     def forward(self, imgs, mask_ratio=0.0):
         """imgs (B, C, H, W) -> latent (B, 1 + N_vis, D), mask (B, N), ids_restore (B, N).
 
-        With mask_ratio = 0 (probing, fine-tuning) every patch is kept, in order, and mask / ids_restore are None.
+        With mask_ratio = 0 (probing, fine-tuning) every patch is kept, in order, and mask and
+        ids_restore are None.
         """
-        x = self.patch_embed(patchify(imgs, self.patch_size))  # (B, N, D)
-        x = x + self.pos_embed[:, 1:, :]  # positions are added before masking, so visible tokens keep theirs
+        x = self.patch_embed(imgs)  # (B, N, D)
+        x = x + self.pos_embed[:, 1:, :]  # added before masking: visible tokens keep their place
         mask = ids_restore = None
         if mask_ratio > 0:
             x, mask, ids_restore = random_masking(x, mask_ratio)  # (B, N_vis, D)
@@ -182,7 +209,7 @@ class MAEEncoder(nn.Module):
         return self.norm(x), mask, ids_restore
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Decoder: narrow and shallow, sees the full set of tokens
 
 
@@ -190,12 +217,12 @@ class MAEDecoder(nn.Module):
     def __init__(self, num_patches, patch_dim, embed_dim=64, decoder_embed_dim=32, decoder_depth=2,
                  decoder_num_heads=4, mlp_ratio=4.0):
         super().__init__()
-        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)  # encoder width -> decoder width
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))  # one learned vector, shared
+        self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)  # encoder -> decoder width
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))  # one vector, shared
         grid_size = int(math.isqrt(num_patches))
-        self.register_buffer("decoder_pos_embed",
-                             get_2d_sincos_pos_embed(decoder_embed_dim, grid_size, cls_token=True)[None],
-                             persistent=False)  # its own, since mask tokens have no position otherwise
+        pos_embed = get_2d_sincos_pos_embed(decoder_embed_dim, grid_size, cls_token=True)[None]
+        # its own position embeddings: mask tokens have no position otherwise
+        self.register_buffer("decoder_pos_embed", pos_embed, persistent=False)
         self.decoder_blocks = nn.ModuleList([Block(decoder_embed_dim, decoder_num_heads, mlp_ratio)
                                              for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
@@ -217,23 +244,26 @@ class MAEDecoder(nn.Module):
         return self.decoder_pred(self.decoder_norm(x))[:, 1:, :]  # drop [CLS]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The masked autoencoder
 
 
 class MaskedAutoencoder(nn.Module):
     def __init__(self, img_size=28, patch_size=7, in_chans=1, embed_dim=64, depth=4, num_heads=4,
-                 decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4, mlp_ratio=4.0, norm_pix_loss=True):
+                 decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4, mlp_ratio=4.0,
+                 norm_pix_loss=True):
         super().__init__()
-        self.encoder = MAEEncoder(img_size, patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio)
-        self.decoder = MAEDecoder(self.encoder.num_patches, patch_size * patch_size * in_chans, embed_dim,
-                                  decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio)
+        self.encoder = MAEEncoder(img_size, patch_size, in_chans, embed_dim, depth, num_heads,
+                                  mlp_ratio)
+        self.decoder = MAEDecoder(self.encoder.num_patches, patch_size * patch_size * in_chans,
+                                  embed_dim, decoder_embed_dim, decoder_depth, decoder_num_heads,
+                                  mlp_ratio)
         self.norm_pix_loss = norm_pix_loss
 
     def forward_loss(self, imgs, pred, mask):
-        """Mean squared error in pixel space, averaged over the masked patches only (Sec. 3, "Reconstruction target").
-
-        With norm_pix_loss the target is each patch's pixels normalised by that patch's mean and std.
+        """Mean squared error in pixel space, averaged over the masked patches only (Sec. 3,
+        "Reconstruction target"). With norm_pix_loss the target is each patch's pixels normalised
+        by that patch's mean and std.
         """
         target = patchify(imgs, self.encoder.patch_size)  # (B, N, p*p*C)
         if self.norm_pix_loss:
@@ -249,16 +279,17 @@ class MaskedAutoencoder(nn.Module):
         return self.forward_loss(imgs, pred, mask), pred, mask
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The encoder reused for recognition (Sec. 4): linear probing and end-to-end fine-tuning
 
 
 class ViTClassifier(nn.Module):
     """The MAE encoder, unmasked, with a head on the pooled features.
 
-    head="linprobe": BatchNorm without affine parameters, then a linear layer (the paper's Appendix A.2: the BN
-    normalises the pre-trained features, whose scale differs across methods). head="finetune": a linear layer.
-    pool="mean" averages the patch tokens (the paper fine-tunes this way); pool="cls" takes the [CLS] token.
+    head="linprobe": BatchNorm without affine parameters, then a linear layer (the paper's
+    Appendix A.2: the BN normalises the pre-trained features, whose scale differs across methods).
+    head="finetune": a linear layer. pool="mean" averages the patch tokens (the paper fine-tunes
+    this way); pool="cls" takes the [CLS] token.
     """
 
     def __init__(self, num_classes, head="finetune", pool="mean", **encoder_kwargs):
@@ -283,7 +314,8 @@ class ViTClassifier(nn.Module):
 
 
 def layer_id(name, depth):
-    """0 for the patch embedding and [CLS], i + 1 for block i, depth + 1 for the final norm and the head."""
+    """0 for the patch embedding and [CLS], i + 1 for block i, depth + 1 for the final norm and
+    the head."""
     if name.startswith("encoder.blocks."):
         return int(name.split(".")[2]) + 1
     if name.startswith(("encoder.patch_embed", "encoder.cls_token")):
@@ -292,7 +324,8 @@ def layer_id(name, depth):
 
 
 def param_groups_lrd(model, weight_decay, layer_decay):
-    """Layer-wise lr decay (Clark et al. 2020, used by the paper for fine-tuning): lr scale = layer_decay^(L+1-id).
+    """Layer-wise lr decay (Clark et al. 2020, used by the paper for fine-tuning):
+    lr scale = layer_decay^(L+1-id).
 
     No weight decay on biases and norm weights (1-D parameters), as in the paper's code.
     """
@@ -305,6 +338,7 @@ def param_groups_lrd(model, weight_decay, layer_decay):
         lid = layer_id(name, depth)
         key = (lid, decay)
         if key not in groups:
-            groups[key] = {"params": [], "weight_decay": decay, "lr_scale": layer_decay ** (depth + 1 - lid)}
+            groups[key] = {"params": [], "weight_decay": decay,
+                           "lr_scale": layer_decay ** (depth + 1 - lid)}
         groups[key]["params"].append(p)
     return list(groups.values())
