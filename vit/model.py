@@ -1,10 +1,14 @@
 """Vision Transformer (Dosovitskiy et al., ICLR 2021), https://arxiv.org/abs/2010.11929
 
-Pieces in the paper's order (Section 3.1): an image becomes a sequence of flattened patches, a linear
-projection embeds them (Eq. 1), a learnable class token and position embeddings are added (Eq. 1), pre-norm
-Transformer blocks of multi-head self-attention and an MLP follow (Eqs. 2-3; MSA in Appendix A, Eqs. 5-8),
-and a head reads the class token (Eq. 4). Attention rollout (Abnar & Zuidema, 2020; the paper's Fig. 6 and
-Appendix D.8) is at the end.
+Pieces in the paper's order (Section 3.1): an image becomes a sequence of flattened patches, a
+linear projection embeds them (Eq. 1), a learnable class token and position embeddings are added
+(Eq. 1), pre-norm Transformer blocks of multi-head self-attention and an MLP follow (Eqs. 2-3; MSA
+in Appendix A, Eqs. 5-8), and a head reads the class token (Eq. 4). Attention rollout (Abnar &
+Zuidema, 2020; the paper's Fig. 6 and Appendix D.8) is at the end.
+
+Parameter names are MAE's and timm's (patch_embed.proj, cls_token, pos_embed, blocks.i.norm1,
+attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2, norm, head), as in the repo's other vision models.
+E is a Linear on flattened patches (the paper's Eq. 1), not timm's equivalent strided Conv2d.
 
 Shape letters: B batch, C channels, H/W image height/width, P patch size, N = HW/P^2 patches,
 T = N + 1 tokens, D model width, h heads, D_h = D/h.
@@ -36,6 +40,19 @@ def unpatchify(patches, patch_size, channels, height, width):
     return x.reshape(B, channels, height, width)
 
 
+class PatchEmbed(nn.Module):
+    """The linear projection E of the flattened patches (Eq. 1): (B, C, H, W) -> (B, N, D)."""
+
+    def __init__(self, patch_size, channels, dim):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Linear(patch_size * patch_size * channels, dim)  # E, Eq. 1
+
+    def forward(self, images):
+        x_p = patchify(images, self.patch_size)  # (B, N, P^2 C)
+        return self.proj(x_p)  # x_p E, (B, N, D)
+
+
 class MultiHeadSelfAttention(nn.Module):
     """MSA, Appendix A: [q, k, v] = z U_qkv (Eq. 5), A = softmax(q k^T / sqrt(D_h)) (Eq. 6),
     SA(z) = A v (Eq. 7), MSA(z) = [SA_1(z); ...; SA_h(z)] U_msa (Eq. 8)."""
@@ -55,11 +72,13 @@ class MultiHeadSelfAttention(nn.Module):
         qkv = self.qkv(z).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # each (B, h, T, D_h), Eq. 5
         if return_attention:  # the explicit equations, to hand A to attention rollout
-            A = (q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)).softmax(dim=-1)  # (B, h, T, T), Eq. 6
+            scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, h, T, T)
+            A = scores.softmax(dim=-1)  # Eq. 6
             out = A @ v  # (B, h, T, D_h), Eq. 7
         else:  # the same maths in PyTorch's fused kernel
             A = None
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+            dropout = self.dropout if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         out = out.transpose(1, 2).reshape(B, T, D)  # concatenate the heads, (B, T, D)
         return self.proj(out), A  # Eq. 8
 
@@ -100,16 +119,18 @@ class ViT(nn.Module):
                  num_heads=4, mlp_dim=256, dropout=0.0):
         super().__init__()
         if image_size % patch_size:
-            raise ValueError(f"image size {image_size} is not divisible by the patch size {patch_size}")
+            raise ValueError(f"image size {image_size} is not divisible by the patch size "
+                             f"{patch_size}")
         self.image_size, self.channels, self.patch_size = image_size, channels, patch_size
         num_patches = (image_size // patch_size) ** 2  # N = HW / P^2
-        self.patch_embedding = nn.Linear(patch_size * patch_size * channels, dim)  # E, Eq. 1
+        self.patch_embed = PatchEmbed(patch_size, channels, dim)  # E, Eq. 1
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))  # x_class, Eq. 1
-        self.pos_embedding = nn.Parameter(torch.randn(1, num_patches + 1, dim) * 0.02)  # E_pos, Eq. 1
+        self.pos_embed = nn.Parameter(torch.randn(1, num_patches + 1, dim) * 0.02)  # E_pos, Eq. 1
         self.dropout = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_dim, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)  # the LN of Eq. 4
-        # "an MLP with one hidden layer at pre-training time" (Section 3.1), tanh as in the paper's code
+        # "an MLP with one hidden layer at pre-training time" (Section 3.1), tanh as in the paper's
+        # code
         self.head = nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, num_classes))
         self.apply(self._init_weights)
 
@@ -120,12 +141,11 @@ class ViT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, images, return_attention=False):
-        """images (B, C, H, W) -> logits (B, classes); with return_attention also the list of per-layer
-        attention maps, each (B, h, T, T)."""
-        x_p = patchify(images, self.patch_size)  # (B, N, P^2 C)
-        tokens = self.patch_embedding(x_p)  # (B, N, D)
+        """images (B, C, H, W) -> logits (B, classes); with return_attention also the list of
+        per-layer attention maps, each (B, h, T, T)."""
+        tokens = self.patch_embed(images)  # x_p E, (B, N, D)
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)  # (B, 1, D)
-        z = torch.cat([cls, tokens], dim=1) + self.pos_embedding  # z_0, (B, T, D), Eq. 1
+        z = torch.cat([cls, tokens], dim=1) + self.pos_embed  # z_0, (B, T, D), Eq. 1
         z = self.dropout(z)
         attentions = []
         for block in self.blocks:
@@ -137,9 +157,10 @@ class ViT(nn.Module):
 
 
 def attention_rollout(attentions):
-    """Attention rollout (Abnar & Zuidema, 2020), as in the paper's Fig. 6: average the heads, add the
-    identity for the residual connection, renormalise the rows, multiply through the layers.
-    attentions: list of (B, h, T, T). Returns (B, N): how much the class token attends to each patch."""
+    """Attention rollout (Abnar & Zuidema, 2020), as in the paper's Fig. 6: average the heads, add
+    the identity for the residual connection, renormalise the rows, multiply through the layers.
+    attentions: list of (B, h, T, T). Returns (B, N): how much the class token attends to each
+    patch."""
     T = attentions[0].shape[-1]
     rollout = torch.eye(T, device=attentions[0].device).expand(attentions[0].shape[0], T, T)
     for A in attentions:

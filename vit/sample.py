@@ -1,12 +1,14 @@
-"""Use a trained ViT: classify test images, evaluate the whole test split, draw predictions and attention.
+"""Use a trained ViT: classify test images, evaluate the whole test split, draw predictions and
+the attention rollout. Pictures go to --out-dir (`--out-dir images` from the repo root regenerates
+the README's).
 
-    python sample.py                      # classify 16 test images, write images/vit_predictions.png
+    python sample.py                      # classify 16 test images, write vit_predictions.png
     python sample.py --eval               # also the accuracy on the whole test split
-    python sample.py --attention          # also the attention-rollout map, images/vit_attention.png
+    python sample.py --attention          # also the attention-rollout map, vit_attention.png
 """
-import argparse
 import os
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Literal
 
 import matplotlib
 
@@ -16,30 +18,32 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from model import ViT, attention_rollout  # noqa: E402
-from train import evaluate, get_device, load_checkpoint, load_split, normalize  # noqa: E402
+from plumbing import (  # noqa: E402
+    config_from_checkpoint,
+    load_checkpoint,
+    load_image_dataset,
+    make_out_dir,
+    normalize,
+    parse_config,
+    pick_device,
+    require,
+)
+from train import Config, evaluate, model_config  # noqa: E402
 
-IMAGES = Path(__file__).resolve().parent.parent / "images"
 
+@dataclass
+class SampleConfig:
+    """Use a trained ViT: classify test images, evaluate the test split, draw attention rollout."""
+    checkpoint: str = "runs/vit/best.pt"  # a checkpoint written by train.py (best.pt or ckpt.pt)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: cuda, then mps, then cpu
+    data_dir: str = os.environ.get("DATA_DIR", "data")  # where datasets live ($DATA_DIR, else data)
+    out_dir: str = "runs/vit"  # the pictures vit_predictions.png and vit_attention.png go here
+    num_images: int = 16  # classify the first N test images
+    eval: bool = False  # also print the accuracy on the whole test split
+    attention: bool = False  # also draw the attention rollout of the first 8 images
 
-def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", default="runs/vit/best.pt", help="a checkpoint written by train.py")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="auto picks cuda, then mps, then cpu")
-    p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "data"),
-                   help="where the dataset lives (default $DATA_DIR, else ./data)")
-    p.add_argument("-n", "--num-images", type=int, default=16, help="classify the first N test images")
-    p.add_argument("--eval", action="store_true", help="print the accuracy on the whole test split")
-    p.add_argument("--attention", action="store_true", help="also draw the attention rollout of 8 images")
-    p.add_argument("--predictions-out", default=str(IMAGES / "vit_predictions.png"),
-                   help="where the grid of predictions goes")
-    p.add_argument("--attention-out", default=str(IMAGES / "vit_attention.png"),
-                   help="where the attention-rollout picture goes")
-    args = p.parse_args(argv)
-    if args.num_images < 1:
-        p.error("-n must be at least 1")
-    return args
+    def __post_init__(self):
+        require(self.num_images >= 1, "--num-images must be at least 1")
 
 
 def show(ax, image, dataset):
@@ -97,35 +101,38 @@ def plot_attention(images, rollout, patch_size, dataset, path):
 
 
 def save(fig, path):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path + ".tmp.png", dpi=80)
-    os.replace(path + ".tmp.png", path)
+    fig.savefig(f"{path}.tmp.png", dpi=80)
+    os.replace(f"{path}.tmp.png", path)  # atomic: never half a picture
     plt.close(fig)
     print(f"wrote {path}")
 
 
 def main(argv=None):
-    args = get_args(argv)
-    device = get_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint, device)
-    model = ViT(**ckpt["model_config"]).to(device)
+    args = parse_config(SampleConfig, argv)
+    device = pick_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint, "vit", keys=["config", "model", "classes"])
+    cfg = config_from_checkpoint(Config, ckpt, args.checkpoint)  # the run's config, from the file
+    model = ViT(**model_config(cfg)).to(device)
     model.load_state_dict(ckpt["model"])
     model.eval()
-    dataset, classes = ckpt["config"]["dataset"], ckpt["classes"]
-    images, labels, _ = load_split(dataset, args.data_dir, train=False)
+    out_dir, classes = make_out_dir(args.out_dir), ckpt["classes"]
+    images, labels, _ = load_image_dataset(cfg.dataset, args.data_dir, train=False)
 
     first, first_labels = images[:args.num_images], labels[:args.num_images]
     with torch.no_grad():
-        logits, attentions = model(normalize(first.to(device), dataset), return_attention=True)
+        logits, attentions = model(normalize(first.to(device), cfg.dataset), return_attention=True)
     probabilities = logits.float().softmax(-1).cpu()
     for i, (p, y) in enumerate(zip(probabilities, first_labels)):
-        print(f"test image {i}: predicted {classes[p.argmax()]} ({100 * p.max():.1f}%), true {classes[y]}")
-    plot_predictions(first, first_labels, probabilities, classes, dataset, args.predictions_out)
+        print(f"test image {i}: predicted {classes[p.argmax()]} ({100 * p.max():.1f}%), "
+              f"true {classes[y]}")
+    plot_predictions(first, first_labels, probabilities, classes, cfg.dataset,
+                     out_dir / "vit_predictions.png")
     if args.attention:
         rollout = attention_rollout([A[:8] for A in attentions]).cpu()
-        plot_attention(first[:8], rollout, ckpt["model_config"]["patch_size"], dataset, args.attention_out)
+        plot_attention(first[:8], rollout, cfg.patch_size, cfg.dataset,
+                       out_dir / "vit_attention.png")
     if args.eval:
-        loss, accuracy = evaluate(model, images, labels, dataset, device)
+        loss, accuracy = evaluate(model, images, labels, cfg.dataset, device)
         print(f"test accuracy {100 * accuracy:.2f}% ({len(images)} images), test loss {loss:.4f}")
         return accuracy
 
