@@ -1,11 +1,14 @@
-"""The claims of DDPM, DDIM and classifier-free guidance, each checked against an independent reference."""
+"""The claims of DDPM, DDIM and classifier-free guidance, each checked against an independent
+reference; then training, sampling and their one-line errors."""
 import csv
 import math
 import os
 import pickle
+import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +21,11 @@ import model
 import sample
 import train
 from model import Diffusion, UNet, UViT, ema_copy, ema_update
+from plumbing import load_checkpoint, load_image_dataset
 
 HERE = Path(__file__).resolve().parent
-TINY_UVIT = ["--backbone", "uvit", "--vit-dim", "16", "--vit-depth", "3", "--vit-heads", "2", "--patch-size", "7"]
+TINY_UVIT = ["--backbone", "uvit", "--vit-dim", "16", "--vit-depth", "3", "--vit-heads", "2",
+             "--patch-size", "7"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -33,7 +38,8 @@ def one_thread():
 
 
 def write_fake_mnist(root, folder="MNIST", n_train=256, n_test=100):
-    """A fake dataset in torchvision's raw idx layout: class c is a bright bar at row 2 + 2c, plus noise."""
+    """A fake dataset in torchvision's raw idx layout: class c is a bright bar at row 2 + 2c, plus
+    noise."""
     raw = Path(root) / folder / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -42,8 +48,10 @@ def write_fake_mnist(root, folder="MNIST", n_train=256, n_test=100):
         images = rng.integers(0, 20, (n, 28, 28), dtype=np.uint8)
         for i, c in enumerate(labels):
             images[i, 2 + 2 * c: 4 + 2 * c, 4:24] = 255
-        (raw / f"{split}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
-        (raw / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(
+            struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(
+            struct.pack(">II", 2049, n) + labels.tobytes())
     return Path(root)
 
 
@@ -56,26 +64,29 @@ def data_dir(tmp_path_factory):
 def checkpoint(data_dir, tmp_path_factory):
     """A tiny U-ViT trained for a few steps on the fake MNIST: what sample.py is tested on."""
     out = tmp_path_factory.mktemp("run")
-    train.main(["--data-dir", str(data_dir), "--out-dir", str(out), "--steps", "4", "--batch-size", "8",
-                "--sample-every", "0", *TINY_UVIT])
+    train.main(["--data-dir", str(data_dir), "--out-dir", str(out), "--steps", "4",
+                "--batch-size", "8", "--sample-every", "0", *TINY_UVIT])
     return out / "ckpt.pt"
 
 
-# ---------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # The schedule and the forward process
 
 
 def test_schedules_match_their_definitions():
     T = 1000
     linear = Diffusion(T, "linear")
-    assert linear.betas[0].item() == pytest.approx(1e-4) and linear.betas[-1].item() == pytest.approx(0.02)
+    assert linear.betas[0].item() == pytest.approx(1e-4)
+    assert linear.betas[-1].item() == pytest.approx(0.02)
     alpha_bar = 1.0
     for t in range(T):  # brute-force product of (1 - beta_s)
         alpha_bar *= 1 - linear.betas[t].item()
         if t in (0, 499, 999):
             assert linear.alpha_bar[t].item() == pytest.approx(alpha_bar, rel=1e-4)
     cosine = Diffusion(T, "cosine")
-    f = lambda t: math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2  # Nichol & Dhariwal Eq. 17
+
+    def f(t):  # Nichol & Dhariwal Eq. 17
+        return math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2
     for t in (0, 300, 900):  # alpha_bar at the paper's t + 1
         assert cosine.alpha_bar[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-4)
 
@@ -87,13 +98,16 @@ def test_q_sample_matches_closed_form_mean_and_variance():
     for t in (10, 400, 900):
         alpha_bar = math.prod(1 - b for b in model.linear_beta_schedule(1000)[: t + 1].tolist())
         x_t = diffusion.q_sample(x0, torch.full((50_000,), t), torch.randn(50_000, 4, 1, 1))
-        torch.testing.assert_close(x_t.mean(0).flatten(), math.sqrt(alpha_bar) * x0[0].flatten(), atol=0.02, rtol=0)
-        torch.testing.assert_close(x_t.var(0).flatten(), torch.full((4,), 1 - alpha_bar), atol=0.02, rtol=0)
+        torch.testing.assert_close(x_t.mean(0).flatten(), math.sqrt(alpha_bar) * x0[0].flatten(),
+                                   atol=0.02, rtol=0)
+        torch.testing.assert_close(x_t.var(0).flatten(), torch.full((4,), 1 - alpha_bar),
+                                   atol=0.02, rtol=0)
 
 
 def test_posterior_matches_gaussian_conditioning():
-    """q(x_{t-1} | x_t, x_0) from Bayes' rule on q(x_{t-1} | x_0) = N(sqrt(a'_{t-1}) x_0, 1 - a'_{t-1}) and
-    q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, beta_t): precision-weighted mean, summed precisions."""
+    """q(x_{t-1} | x_t, x_0) from Bayes' rule on q(x_{t-1} | x_0) = N(sqrt(a'_{t-1}) x_0,
+    1 - a'_{t-1}) and q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, beta_t): precision-weighted mean,
+    summed precisions."""
     diffusion = Diffusion(1000, "cosine")
     betas = diffusion.betas.double()
     for t in torch.randint(1, 1000, (5,), generator=torch.Generator().manual_seed(0)).tolist():
@@ -101,13 +115,14 @@ def test_posterior_matches_gaussian_conditioning():
         beta, alpha = betas[t].item(), 1 - betas[t].item()
         variance = 1 / (1 / (1 - alpha_bar_prev) + alpha / beta)
         x0, x_t = torch.tensor([[[[0.3]]]]), torch.tensor([[[[-0.7]]]])
-        mean = variance * (math.sqrt(alpha_bar_prev) * 0.3 / (1 - alpha_bar_prev) + math.sqrt(alpha) * -0.7 / beta)
+        mean = variance * (math.sqrt(alpha_bar_prev) * 0.3 / (1 - alpha_bar_prev)
+                           + math.sqrt(alpha) * -0.7 / beta)
         got_mean, got_variance = diffusion.q_posterior(x0, x_t, torch.tensor([t]))
         assert got_variance.item() == pytest.approx(variance, rel=1e-4)
         assert got_mean.item() == pytest.approx(mean, rel=1e-4, abs=1e-6)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # The samplers and guidance
 
 
@@ -116,7 +131,8 @@ def test_ddim_with_eta_1_and_every_step_is_the_ddpm_posterior():
     diffusion = Diffusion(1000, "linear")
     t = torch.arange(1, 1000)
     sigma, _ = diffusion.ddim_sigma(t, t - 1, eta=1.0)
-    torch.testing.assert_close(sigma.flatten() ** 2, diffusion.posterior_variance[1:], rtol=1e-3, atol=1e-9)  # float32
+    torch.testing.assert_close(sigma.flatten() ** 2, diffusion.posterior_variance[1:],
+                               rtol=1e-3, atol=1e-9)  # float32
     t = torch.randint(1, 1000, (6,))
     x_t, eps, noise = torch.randn(6, 1, 4, 4), torch.randn(6, 1, 4, 4), torch.randn(6, 1, 4, 4)
     ddim = diffusion.ddim_step(eps, x_t, t, t - 1, 1.0, noise)
@@ -136,7 +152,8 @@ def test_ddim_with_eta_0_is_deterministic_given_x_T():
             for t, t_prev in zip(times, times[1:] + [-1]):
                 t_batch = torch.full((2,), t)
                 eps = diffusion.guided_eps(net, x, t_batch, y, 2.0, 10)
-                x = diffusion.ddim_step(eps, x, t_batch, torch.full((2,), t_prev), 0.0, torch.randn_like(x))
+                x = diffusion.ddim_step(eps, x, t_batch, torch.full((2,), t_prev), 0.0,
+                                        torch.randn_like(x))
         runs.append(x)
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
     assert diffusion.timesteps(10).tolist()[0] == 99 and diffusion.timesteps(10).tolist()[-1] == 0
@@ -155,7 +172,7 @@ def test_guidance_is_one_plus_w_cond_minus_w_uncond():
     torch.testing.assert_close(plain, cond)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # The networks and EMA
 
 
@@ -172,9 +189,10 @@ def test_eps_theta_keeps_shape_and_depends_on_t_and_c(net, size, channels):
     with torch.no_grad():
         out = net(x, t, y)
         assert out.shape == x.shape
-        assert not torch.allclose(out, net(x, torch.tensor([700, 700]), y), atol=1e-5)  # depends on t
-        assert not torch.allclose(out, net(x, t, torch.tensor([10, 10])), atol=1e-5)   # depends on c (null class)
-        torch.testing.assert_close(net(x[:1], t[:1], y[:1]), out[:1], rtol=1e-4, atol=1e-5)  # batch items independent
+        assert not torch.allclose(out, net(x, torch.tensor([700, 700]), y), atol=1e-5)  # on t
+        assert not torch.allclose(out, net(x, t, torch.tensor([10, 10])), atol=1e-5)  # on c
+        # batch items are independent
+        torch.testing.assert_close(net(x[:1], t[:1], y[:1]), out[:1], rtol=1e-4, atol=1e-5)
 
 
 def test_ema_update_rule():
@@ -185,15 +203,15 @@ def test_ema_update_rule():
     with torch.no_grad():
         for p in net.parameters():
             p.add_(torch.randn_like(p))
-    net(torch.randn(4, 3))  # moves the BatchNorm running statistics (buffers are copied, not averaged)
+    net(torch.randn(4, 3))  # moves the BatchNorm running statistics (buffers: copied, not averaged)
     ema_update(ema, net, 0.9)
     for old, new, p in zip(before, ema.parameters(), net.parameters()):
         torch.testing.assert_close(new, 0.9 * old + 0.1 * p)
     torch.testing.assert_close(ema[1].running_mean, net[1].running_mean)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Training: the loss falls, same seed same run, --resume continues exactly, DDP runs
+# -------------------------------------------------------------------------------------------------
+# Training: the loss falls, same seed same run, --resume continues exactly, Ctrl-C, DDP
 
 
 def read_metrics(out):
@@ -202,9 +220,10 @@ def read_metrics(out):
 
 
 def test_tiny_model_loss_falls(data_dir, tmp_path):
-    train.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--steps", "60", "--batch-size", "16",
-                "--backbone", "uvit", "--vit-dim", "32", "--vit-depth", "3", "--vit-heads", "2", "--patch-size", "4",
-                "--warmup", "5", "--lr", "3e-3", "--log-every", "15", "--sample-every", "60"])
+    train.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--steps", "60",
+                "--batch-size", "16", "--backbone", "uvit", "--vit-dim", "32", "--vit-depth", "3",
+                "--vit-heads", "2", "--patch-size", "4", "--warmup-steps", "5", "--lr", "3e-3",
+                "--log-every", "15", "--sample-every", "60"])
     losses = [float(row["loss"]) for row in read_metrics(tmp_path)]
     assert losses[-1] < 0.6 * losses[0], losses
     grid = Image.open(tmp_path / "samples" / "step0000060.png")
@@ -212,62 +231,167 @@ def test_tiny_model_loss_falls(data_dir, tmp_path):
 
 
 def test_same_seed_same_run_and_resume_continues_exactly(data_dir, tmp_path):
-    common = ["--data-dir", str(data_dir), "--steps", "6", "--batch-size", "8", "--sample-every", "0", *TINY_UVIT]
+    common = ["--data-dir", str(data_dir), "--steps", "6", "--batch-size", "8", "--sample-every",
+              "0", "--log-every", "1", *TINY_UVIT]
     for name in ("a", "b"):
         train.main([*common, "--out-dir", str(tmp_path / name)])
-    train.main([*common, "--out-dir", str(tmp_path / "c"), "--max-minutes", "1e-9"])  # stops after one step
+    train.main([*common, "--out-dir", str(tmp_path / "c"), "--max-minutes", "1e-9"])  # one step
     assert torch.load(tmp_path / "c" / "ckpt.pt", weights_only=True)["step"] == 1
-    train.main([*common, "--out-dir", str(tmp_path / "c"), "--resume", str(tmp_path / "c" / "ckpt.pt")])
+    train.main([*common, "--out-dir", str(tmp_path / "c"),
+                "--resume", str(tmp_path / "c" / "ckpt.pt")])
     a, b, c = (torch.load(tmp_path / n / "ckpt.pt", weights_only=True) for n in "abc")
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0)
         torch.testing.assert_close(a["model"][key], c["model"][key], rtol=0, atol=0)
         torch.testing.assert_close(a["ema"][key], c["ema"][key], rtol=0, atol=0)
     assert a["step"] == c["step"] == 6 and a["folder"] == "ddpm"
+    assert [r["loss"] for r in read_metrics(tmp_path / "a")] == \
+           [r["loss"] for r in read_metrics(tmp_path / "c")]  # metrics.csv appended on --resume
+
+
+def test_resume_with_another_model_is_one_line(checkpoint, data_dir, tmp_path):
+    with pytest.raises(SystemExit) as error:
+        train.main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--steps", "8",
+                    "--resume", str(checkpoint)])  # the checkpoint is a U-ViT, these flags a U-Net
+    assert str(error.value).startswith(f"error: checkpoint {checkpoint} was trained with "
+                                       f"--backbone uvit")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_stops_with_a_resumable_checkpoint(data_dir, tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, "train.py", "--data-dir", str(data_dir), "--out-dir", str(tmp_path),
+         "--steps", "1000000", "--batch-size", "4", "--sample-every", "0", "--log-every", "1",
+         "--threads", "1", *TINY_UVIT], cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "metrics.csv").exists() or len(read_metrics(tmp_path)) < 2:
+        assert time.time() < deadline and process.poll() is None, process.communicate()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "Traceback" not in err and "continue with --resume" in out
+    assert 2 <= torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] < 1_000_000
 
 
 def test_ddp_two_processes_on_cpu(data_dir, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-         "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--steps", "3", "--batch-size", "4",
-         "--sample-every", "0", "--device", "cpu", "--threads", "1",
-         "--backbone", "unet", "--channels", "8", "--channel-mult", "1,2", "--attn-levels", "1"],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "train.py", "--data-dir", str(data_dir), "--out-dir", str(tmp_path), "--steps", "3",
+         "--batch-size", "4", "--sample-every", "0", "--device", "cpu", "--threads", "1",
+         "--backbone", "unet", "--channels", "8", "--channel-mult", "1", "2", "--attn-levels", "1"],
         cwd=HERE, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr  # all of it: a failing rank's own message comes before torchrun's summary
+    # all of stderr: a failing rank's own message comes before torchrun's summary
+    assert result.returncode == 0, result.stderr
     checkpoint = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert checkpoint["step"] == 3 and len(checkpoint["rng"]) == 2
-    assert not torch.equal(checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"])  # per-rank seeds
+    assert not torch.equal(checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"])  # per rank
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Data: the real torchvision loaders on small files the tests write
+# -------------------------------------------------------------------------------------------------
+# Flags and checkpoints that are wrong end in one line, before any work
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-0.001", "0"])
+def test_bad_lr_is_one_line_before_any_work(value, tmp_path, capsys):
+    with pytest.raises(SystemExit) as error:
+        train.main(["--lr", value, "--out-dir", str(tmp_path / "run"), "--data-dir",
+                    str(tmp_path / "no-data")])
+    assert error.value.code == 2 and "error: --lr" in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "run").exists() and not (tmp_path / "no-data").exists()
+
+
+def test_bad_flags_name_the_flag(capsys):
+    for argv, message in [(["--lr", "nan"], "--lr must be a finite number"),
+                          (["--lr", "-1"], "--lr cannot be negative"),
+                          (["--lr", "0"], "--lr must be positive"),
+                          (["--channels", "12"], "--channels must be a positive multiple of 8"),
+                          (["--patch-size", "5"], "--patch-size must divide the image size (28)"),
+                          (["--dataset", "fashion"], "invalid choice: 'fashion'")]:
+        with pytest.raises(SystemExit) as error:
+            train.main(argv)
+        assert error.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_out_dir_that_is_a_file_is_one_line(checkpoint, data_dir, tmp_path):
+    (tmp_path / "file").write_text("")
+    for main, argv in [(train.main, ["--data-dir", str(data_dir)]),
+                       (sample.main, ["--checkpoint", str(checkpoint)])]:
+        with pytest.raises(SystemExit) as error:
+            main([*argv, "--out-dir", str(tmp_path / "file")])
+        assert str(error.value) == f"error: --out-dir {tmp_path / 'file'} is a file, not a folder"
+
+
+class NotPlainData:
+    pass
+
+
+def test_bad_checkpoints_are_one_line_errors(checkpoint, data_dir, tmp_path):
+    ckpt = torch.load(checkpoint, weights_only=True)
+    torch.save({k: v for k, v in ckpt.items() if k != "model"}, tmp_path / "no_model.pt")
+    torch.save({k: v for k, v in ckpt.items() if k != "ema"}, tmp_path / "no_ema.pt")
+    torch.save({"folder": "ddpm", "x": NotPlainData()}, tmp_path / "object.pt")
+    torch.save({"folder": "gpt"}, tmp_path / "other.pt")
+    (tmp_path / "truncated.pt").write_bytes(checkpoint.read_bytes()[:1000])
+    (tmp_path / "folder.pt").mkdir()
+    cases = [("missing.pt", "not found"), ("folder.pt", "is a folder, not a file"),
+             ("truncated.pt", "is truncated or corrupt"), ("other.pt", "was not written by ddpm/"),
+             ("object.pt", "holds objects that are not allowed to load"),
+             ("no_model.pt", "lacks the key(s) 'model'"), ("no_ema.pt", "lacks the key(s) 'ema'")]
+    for name, message in cases:
+        path = tmp_path / name
+        for run in [lambda: sample.main(["--checkpoint", str(path), "--out-dir", str(tmp_path)]),
+                    lambda: train.main(["--resume", str(path), "--data-dir", str(data_dir),
+                                        "--out-dir", str(tmp_path / "run"), *TINY_UVIT])]:
+            with pytest.raises(SystemExit) as error:
+                run()
+            assert str(error.value).startswith(f"error: checkpoint {path} {message}"), error.value
+    assert not (tmp_path / "run").exists()
+
+
+def test_errors_from_the_command_line_have_no_traceback(tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    result = subprocess.run([sys.executable, "sample.py", "--checkpoint", str(garbage)],
+                            cwd=HERE, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        f"error: checkpoint {garbage} is truncated or corrupt (UnpicklingError)"]
+
+
+# -------------------------------------------------------------------------------------------------
+# Data: the plumbing's torchvision loaders on small files the tests write
 
 
 def test_loaders_read_fake_fashion_mnist_and_cifar10(tmp_path, monkeypatch):
     write_fake_mnist(tmp_path, "FashionMNIST", n_train=20, n_test=10)
-    images, labels = train.load_dataset("fashion", tmp_path, train=False)
-    assert images.shape == (10, 1, 28, 28) and images.dtype == torch.uint8 and labels.tolist()[:3] == [0, 1, 2]
+    images, labels, _ = load_image_dataset("fashion_mnist", tmp_path, train=False)
+    assert images.shape == (10, 1, 28, 28) and images.dtype == torch.uint8
+    assert labels.tolist()[:3] == [0, 1, 2]
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         batch = {"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": [0, 1, 2, 3]}
         (folder / name).write_bytes(pickle.dumps(batch))
-    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [str(i) for i in range(10)]}))
-    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args: True)  # fake files: skip the md5s
-    images, labels = train.load_dataset("cifar10", tmp_path, train=True)
+    meta = {"label_names": [str(i) for i in range(10)]}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta))
+    # fake files: skip the md5 sums
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args: True)
+    images, labels, _ = load_image_dataset("cifar10", tmp_path, train=True)
     assert images.shape == (20, 3, 32, 32) and labels.tolist()[:4] == [0, 1, 2, 3]
-    raw = np.frombuffer(pickle.loads((folder / "data_batch_1").read_bytes())["data"].tobytes(), np.uint8)
+    raw = np.frombuffer(pickle.loads((folder / "data_batch_1").read_bytes())["data"].tobytes(),
+                        np.uint8)
     assert torch.equal(images[0], torch.from_numpy(raw[:3072].reshape(3, 32, 32).copy()))
 
 
-def test_missing_dataset_offline_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+def test_missing_dataset_offline_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     def offline(self):
         raise OSError("no network")
     monkeypatch.setattr(torchvision.datasets.MNIST, "download", offline)
     with pytest.raises(SystemExit) as error:
-        train.load_dataset("mnist", tmp_path / "data", train=True)
-    assert "mnist not found under" in str(error.value) and "--data-dir" in str(error.value)
+        train.main(["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run")])
+    assert "MNIST is not in" in str(error.value) and "--data-dir" in str(error.value)
     assert not (tmp_path / "data").exists()
 
 
@@ -275,62 +399,82 @@ def test_real_mnist_test_split_when_available():
     data_dir = os.environ.get("DATA_DIR", "data")
     if not (Path(data_dir) / "MNIST" / "raw" / "t10k-images-idx3-ubyte").exists():
         pytest.skip(f"real MNIST not under DATA_DIR={data_dir}")
-    images, labels = train.load_dataset("mnist", data_dir, train=False)
+    images, labels, _ = load_image_dataset("mnist", data_dir, train=False)
     assert images.shape == (10_000, 1, 28, 28) and labels[:5].tolist() == [7, 2, 1, 0, 4]
 
 
-# ---------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # sample.py on a checkpoint, evaluation, errors
 
 
 def test_sample_writes_grid_and_gif_of_right_shape_and_range(checkpoint, tmp_path):
-    sample.main(["--checkpoint", str(checkpoint), "--steps", "3", "--n", "2", "--out", str(tmp_path / "grid.png"),
-                 "--gif", str(tmp_path / "ddim.gif")])
+    sample.main(["--checkpoint", str(checkpoint), "--steps", "3", "--n", "2", "--out-dir",
+                 str(tmp_path), "--grid", "grid.png", "--gif"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddpm_ddim.gif", "grid.png"]
     assert Image.open(tmp_path / "grid.png").size == (10 * 30 + 2, 2 * 30 + 2)
-    gif = Image.open(tmp_path / "ddim.gif")
-    assert gif.n_frames == 4  # x_T and the three DDIM steps
+    assert Image.open(tmp_path / "ddpm_ddim.gif").n_frames == 4  # x_T and the three DDIM steps
     ckpt = torch.load(checkpoint, weights_only=True)
     ema = model.build_model(ckpt["config"], 1, 28, 10)
     ema.load_state_dict(ckpt["ema"])
-    args = sample.get_parser().parse_args(["--sampler", "ddpm"])
-    args.steps = 1000
-    images, _ = sample.generate(ema.eval(), Diffusion(1000), torch.tensor([3, 5]), (1, 28, 28), args, "cpu")
+    images, _ = sample.generate(ema.eval(), Diffusion(1000), torch.tensor([3, 5]), (1, 28, 28),
+                                sample.Config(sampler="ddpm"), 1000)
     assert images.shape == (2, 1, 28, 28) and images.min() >= -1 and images.max() <= 1
+
+
+def test_sample_writes_only_beside_the_checkpoint_by_default(checkpoint, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "ckpt.pt").write_bytes(checkpoint.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    sample.main(["--checkpoint", str(run / "ckpt.pt"), "--steps", "2", "--n", "1"])
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["ckpt.pt", "ddpm_samples.png", "run"]
 
 
 def test_frechet_distance_matches_closed_form():
     rng = np.random.default_rng(0)
     mu1, mu2 = rng.normal(size=3), rng.normal(size=3)
     s1, s2 = np.diag([1.0, 2.0, 0.5]), np.diag([4.0, 1.0, 0.5])
-    closed_form = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(np.diag(s1)) - np.sqrt(np.diag(s2))) ** 2).sum()
+    closed_form = (((mu1 - mu2) ** 2).sum()
+                   + ((np.sqrt(np.diag(s1)) - np.sqrt(np.diag(s2))) ** 2).sum())
     assert sample.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(closed_form, rel=1e-6)
-    features = torch.from_numpy(rng.normal(size=(200, 4)))
-    assert sample.frechet_distance(*sample.feature_stats(features), *sample.feature_stats(features)) == pytest.approx(0, abs=1e-6)
+    stats = sample.feature_stats(torch.from_numpy(rng.normal(size=(200, 4))))
+    assert sample.frechet_distance(*stats, *stats) == pytest.approx(0, abs=1e-6)
 
 
-@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # 20 samples: a singular covariance
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # 20 samples: singular covariance
 def test_evaluate_trains_caches_and_scores(checkpoint, data_dir, tmp_path, capsys):
     classifier = tmp_path / "classifier.pt"
     argv = ["--checkpoint", str(checkpoint), "--steps", "2", "--evaluate", "--num-eval", "20",
-            "--classifier", str(classifier), "--classifier-epochs", "1", "--data-dir", str(data_dir)]
+            "--classifier", str(classifier), "--classifier-epochs", "1",
+            "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "a"), "--grid", ""]
     sample.main(argv)
     assert "trained the evaluation classifier" in capsys.readouterr().out
-    sample.main([*argv, "--out", str(tmp_path / "eval.png"), "--gif", str(tmp_path / "eval.gif")])  # cached classifier
+    assert load_checkpoint(classifier, "ddpm", keys=sample.CLASSIFIER_KEYS)["kind"] == "classifier"
+    sample.main([*argv, "--out-dir", str(tmp_path / "b"), "--grid", "eval.png", "--gif"])  # cached
     out = capsys.readouterr().out
     assert "trained" not in out and "recognised as the requested class" in out
-    assert Image.open(tmp_path / "eval.png").size == (10 * 30 + 2, 2 * 30 + 2) and Image.open(tmp_path / "eval.gif").n_frames == 3
-    with open(checkpoint.parent / "eval.csv") as f:
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["ddpm_ddim.gif", "eval.csv",
+                                                                 "eval.png"]
+    assert Image.open(tmp_path / "b" / "eval.png").size == (10 * 30 + 2, 2 * 30 + 2)
+    assert Image.open(tmp_path / "b" / "ddpm_ddim.gif").n_frames == 3
+    with open(tmp_path / "b" / "eval.csv") as f:
         rows = list(csv.DictReader(f))
-    assert rows[-1]["steps"] == "2" and 0 <= float(rows[-1]["accuracy"]) <= 1 and float(rows[-1]["classifier_fid"]) >= 0
+    assert rows[-1]["steps"] == "2" and 0 <= float(rows[-1]["accuracy"]) <= 1
+    assert float(rows[-1]["classifier_fid"]) >= 0
+    with pytest.raises(SystemExit) as error:  # a training checkpoint is not a classifier
+        sample.main(["--checkpoint", str(checkpoint), "--evaluate", "--classifier", str(checkpoint),
+                     "--out-dir", str(tmp_path / "c")])
+    assert "lacks the key(s) 'kind'" in str(error.value)
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--steps", "0"], "--steps must be in 1..1000"),
-    (["--steps", "1001"], "--steps must be in 1..1000"),
-    (["--sampler", "ddpm", "--steps", "50"], "ddpm walks all T=1000 steps"),
-    (["--guidance", "-1"], "--guidance must be"),
-    (["--guidance", "nan"], "--guidance must be"),
-    (["-d", "-1"], "class index in 0..9"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--guidance", "-1"], "--guidance cannot be negative"),
+    (["--guidance", "nan"], "--guidance must be a finite number"),
+    (["--eta", "inf"], "--eta must be a finite number"),
+    (["--digit", "-1"], "--digit cannot be negative"),
+    (["--digit", "10"], "--digit must be a class index in 0..9"),
+    (["--grid", "../x.png"], "--grid is a file name in --out-dir"),
 ])
 def test_invalid_sample_flags_are_one_line_errors(checkpoint, argv, message, capsys):
     with pytest.raises(SystemExit) as error:
@@ -338,27 +482,20 @@ def test_invalid_sample_flags_are_one_line_errors(checkpoint, argv, message, cap
     assert error.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_bad_checkpoints_are_one_line_errors(checkpoint, tmp_path):
-    torch.save({"folder": "gpt"}, tmp_path / "other.pt")
-    (tmp_path / "truncated.pt").write_bytes(checkpoint.read_bytes()[:1000])
-    for path, message in [(tmp_path / "missing.pt", "does not exist"), (tmp_path / "truncated.pt", "truncated or corrupt"),
-                          (tmp_path / "other.pt", "not a ddpm checkpoint")]:
-        with pytest.raises(SystemExit) as error:
-            train.load_checkpoint(str(path))
-        assert message in str(error.value) and str(error.value).startswith("error:")
-
-
-def test_errors_from_the_command_line_have_no_traceback(checkpoint, tmp_path):
-    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
-    result = subprocess.run([sys.executable, "sample.py", "--checkpoint", str(tmp_path / "corrupt.pt")],
-                            cwd=HERE, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [f"error: checkpoint {tmp_path / 'corrupt.pt'} is truncated or corrupt (UnpicklingError)"]
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "1001"], "--steps must be in 1..1000"),
+    (["--sampler", "ddpm", "--steps", "50"], "ddpm walks all T=1000 steps"),
+])
+def test_sample_flags_that_do_not_fit_the_checkpoint(checkpoint, argv, message):
+    with pytest.raises(SystemExit) as error:
+        sample.main(["--checkpoint", str(checkpoint), *argv])
+    assert str(error.value).startswith("error: ") and message in str(error.value)
 
 
 def test_inception_fid_plumbing_with_a_stand_in_network(monkeypatch):
-    """The real weights are not available offline: a stand-in with Inception's interface checks the input the
-    network gets (3 x 299 x 299, ImageNet-normalised) and that identical sets are at distance 0."""
+    """The real weights are not available offline: a stand-in with Inception's interface checks the
+    input the network gets (3 x 299 x 299, ImageNet-normalised) and that identical sets are at
+    distance 0."""
     seen = []
 
     class StandIn(torch.nn.Module):
