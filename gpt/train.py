@@ -1,107 +1,136 @@
 """Train a character-level GPT on Tiny Shakespeare or on any UTF-8 text file.
 
-    python gpt/train.py --preset cpu                          # a few minutes on a laptop CPU
-    python gpt/train.py --preset gpu                          # 6 layers, 6 heads, 384 wide, block 256
-    python gpt/train.py --text-file 1984.txt --preset cpu     # your own book
+    python gpt/train.py --preset cpu                       # a few minutes on a laptop CPU
+    python gpt/train.py --preset gpu                       # 6 layers, 6 heads, 384 wide, block 256
+    python gpt/train.py --text-file 1984.txt --preset cpu  # your own book
     torchrun --standalone --nproc_per_node=4 gpt/train.py --preset gpu   # data parallel (DDP)
 """
-import argparse
-import csv
+import dataclasses
 import math
 import os
-import random
 import shutil
 import sys
 import time
 import urllib.request
-from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from model import GPT, CharTokenizer, GPTConfig
+from plumbing import (
+    Clock,
+    MetricsLog,
+    autocast,
+    config_dict,
+    config_from_checkpoint,
+    flag,
+    load_checkpoint,
+    make_out_dir,
+    parse_config,
+    require,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    setup,
+    teardown,
+)
 
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
-# Presets: overrides applied before the explicit flags (so `--preset cpu --steps 100` runs 100 steps).
-PRESETS = {
-    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=16, dropout=0.0, lr=3e-3,
-                min_lr=2e-4, warmup_steps=50, steps=10000, eval_interval=500, eval_batches=25),
-    "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, dropout=0.2, lr=1e-3,
-                min_lr=1e-4, warmup_steps=100, steps=5000, eval_interval=250, eval_batches=200),
-}
-
-
-def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a named set of defaults (see PRESETS); flags given explicitly still win")
+@dataclass
+class Config:
+    """Train a character-level GPT (nanoGPT-style) on Tiny Shakespeare or on any UTF-8 text file.
+    --preset cpu|gpu applies PRESETS before the explicit flags. With --max-minutes the cosine decay
+    of the learning rate runs on the clock instead of over --steps, and the run (evaluations
+    included) ends within that time with a checkpoint that --resume continues; so does a Ctrl-C."""
     # data
-    p.add_argument("--dataset", choices=["shakespeare"], default="shakespeare", help="built-in corpus: DATA_DIR/tinyshakespeare/input.txt, downloaded if absent")
-    p.add_argument("--text-file", help="train on this UTF-8 text file instead of --dataset (any book)")
-    p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "data"), help="where datasets live (default: $DATA_DIR, else ./data)")
+    dataset: Literal["shakespeare"] = "shakespeare"  # DATA_DIR/tinyshakespeare/input.txt
+    text_file: str | None = None  # train on this UTF-8 text file instead of --dataset (any book)
+    data_dir: str = os.environ.get("DATA_DIR", "data")  # where datasets live ($DATA_DIR, or ./data)
+    out_dir: str = "runs/gpt"  # checkpoints (ckpt.pt; best.pt by validation loss) and metrics.csv
     # model
-    p.add_argument("--n-layer", type=int, default=4, help="number of Transformer blocks")
-    p.add_argument("--n-head", type=int, default=4, help="attention heads per block")
-    p.add_argument("--n-embd", type=int, default=128, help="width of the residual stream (a multiple of --n-head)")
-    p.add_argument("--block-size", type=int, default=64, help="context length in characters")
-    p.add_argument("--dropout", type=float, default=0.0, help="dropout probability on embeddings and residual branches (0.2 helps larger models)")
-    p.add_argument("--attn-dropout", type=float, default=None, help="dropout probability on the attention weights (default: --dropout)")
-    p.add_argument("--bias", action="store_true", help="use biases in Linear and LayerNorm layers")
+    n_layer: int = 4  # number of Transformer blocks
+    n_head: int = 4  # attention heads per block
+    n_embd: int = 128  # width of the residual stream (a multiple of --n-head)
+    block_size: int = 64  # context length in characters
+    dropout: float = 0.0  # dropout on embeddings and residual branches (0.2 helps larger models)
+    attn_dropout: float | None = None  # dropout on the attention weights (None: --dropout)
+    bias: bool = False  # biases in Linear and LayerNorm layers
     # optimisation
-    p.add_argument("--batch-size", type=int, default=12, help="sequences per step (per process under torchrun)")
-    p.add_argument("--steps", type=int, default=2000, help="optimiser steps")
-    p.add_argument("--max-minutes", type=float, default=0.0, help="stop after this many minutes of wall-clock training and decay the learning rate over that time instead of over --steps (0: off)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
-    p.add_argument("--min-lr", type=float, default=1e-4, help="learning rate at the end of the cosine decay")
-    p.add_argument("--warmup-steps", type=int, default=100, help="linear learning-rate warmup steps")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay, on matrices only")
-    p.add_argument("--beta2", type=float, default=0.99, help="AdamW beta2 (0.99: few tokens per step)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
+    batch_size: int = 12  # sequences per step (per process under torchrun)
+    steps: int = 2000  # optimiser steps
+    lr: float = 1e-3  # peak AdamW learning rate
+    min_lr: float = 1e-4  # learning rate at the end of the cosine decay
+    warmup_steps: int = 100  # linear learning-rate warmup
+    weight_decay: float = 0.1  # AdamW weight decay, on matrices only
+    beta2: float = 0.99  # AdamW beta2 (0.99: few tokens per step)
+    grad_clip: float = 1.0  # clip the gradient norm to this (0: off)
+    max_minutes: float = 0.0  # limit in minutes, evaluations included; lr decays over it (0: off)
     # evaluation, logging, checkpoints
-    p.add_argument("--eval-interval", type=int, default=250, help="evaluate, print a sample and checkpoint every this many steps")
-    p.add_argument("--eval-batches", type=int, default=50, help="batches per split for the loss estimate")
-    p.add_argument("--sample-chars", type=int, default=200, help="characters of the sample printed at each evaluation (0: none)")
-    p.add_argument("--out-dir", default="runs/gpt", help="checkpoints (best.pt, last.pt) and metrics.csv go here")
-    p.add_argument("--resume", help="continue from this checkpoint (e.g. runs/gpt/last.pt) exactly where it stopped")
-    p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases (WANDB_MODE=offline works)")
+    eval_interval: int = 250  # evaluate, print a sample and checkpoint every this many steps
+    eval_batches: int = 50  # batches per split for the loss estimate
+    sample_chars: int = 200  # characters of the sample printed at each evaluation (0: none)
+    resume: str | None = None  # continue from this checkpoint (e.g. runs/gpt/ckpt.pt) exactly
+    wandb: bool = False  # also log to Weights & Biases (WANDB_MODE=offline works)
     # hardware
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="auto: cuda, then mps, then cpu")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--seed", type=int, default=1337, help="seeds Python, NumPy and torch")
-    return p
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: cuda, then mps, then cpu
+    threads: int = 0  # CPU threads for torch (0: torch's default)
+    compile: bool = False  # torch.compile the model
+    seed: int = 1337  # seeds Python, NumPy and torch
+
+    def __post_init__(self):
+        for name in ["n_layer", "n_head", "n_embd", "block_size", "batch_size", "steps",
+                     "eval_interval", "eval_batches"]:
+            value = getattr(self, name)
+            require(value >= 1, f"{flag(name)} must be at least 1, got {value}")
+        require(self.n_embd % self.n_head == 0,
+                f"--n-embd {self.n_embd} is not a multiple of --n-head {self.n_head}")
+        if self.attn_dropout is None:
+            self.attn_dropout = self.dropout
+        require(self.dropout < 1 and self.attn_dropout < 1,
+                "--dropout and --attn-dropout must be below 1")
+        require(self.lr > 0, f"--lr must be positive, got {self.lr}")
+        require(self.beta2 < 1, f"--beta2 must be below 1, got {self.beta2}")
 
 
-def parse_args(argv=None):
-    parser = get_parser()
-    preset = parser.parse_known_args(argv)[0].preset
-    if preset:
-        parser.set_defaults(**PRESETS[preset])
-    args = parser.parse_args(argv)
-    for name in ["n_layer", "n_head", "n_embd", "block_size", "batch_size", "steps", "eval_interval", "eval_batches"]:
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.n_embd % args.n_head:
-        parser.error(f"--n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}")
-    if args.attn_dropout is None:
-        args.attn_dropout = args.dropout
-    for name in ["dropout", "attn_dropout"]:
-        if not 0 <= getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(args, name)}")
-    if args.lr <= 0 or args.min_lr < 0 or args.max_minutes < 0:
-        parser.error("--lr must be positive, --min-lr and --max-minutes non-negative")
-    return args
+# Overrides applied before the explicit flags (so `--preset cpu --steps 100` runs 100 steps).
+PRESETS = {
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, dropout=0.0, batch_size=16,
+                lr=3e-3, min_lr=2e-4, warmup_steps=50, steps=10000,
+                eval_interval=500, eval_batches=25),
+    "gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64,
+                lr=1e-3, min_lr=1e-4, warmup_steps=100, steps=5000,
+                eval_interval=250, eval_batches=200),
+}
+# What a --resume takes from the checkpoint's config (the model's shape and its text); every other
+# field comes from this command line.
+FROM_CHECKPOINT = ["n_layer", "n_head", "n_embd", "block_size", "bias", "text_file", "dataset"]
+SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/"
+                   "input.txt")
+RESUME_KEYS = ["config", "vocab", "model", "optimizer", "step", "best_val", "seconds",
+               "train_seconds", "rng", "batches"]
+COLUMNS = ["step", "train_loss", "val_loss", "lr", "train_seconds", "tokens_per_second"]
 
 
-# ----------------------------------------------------------------------------------------------------------- data
-def load_text(args):
-    """The training text: --text-file, or Tiny Shakespeare from --data-dir (downloaded there if absent)."""
-    if args.text_file:
-        path = Path(args.text_file)
+def resume_config(cfg):
+    """(cfg, checkpoint): with --resume, the checkpoint and the config to go on with: the model's
+    shape and its text from the checkpoint, everything else from this command line."""
+    if not cfg.resume:
+        return cfg, None
+    resume = load_checkpoint(cfg.resume, "gpt", keys=RESUME_KEYS)
+    now = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in FROM_CHECKPOINT}
+    return config_from_checkpoint(Config, resume, cfg.resume, **now), resume
+
+
+# --------------------------------------------------------------------------------------------- data
+def load_text(cfg):
+    """The training text: --text-file, or Tiny Shakespeare from --data-dir (fetched if absent)."""
+    if cfg.text_file:
+        path = Path(cfg.text_file)
         if not path.is_file():
             sys.exit(f"error: text file {path} not found")
         try:
@@ -111,10 +140,10 @@ def load_text(args):
         if not text:
             sys.exit(f"error: text file {path} is empty")
         return text
-    folder = Path(args.data_dir) / "tinyshakespeare"
+    folder = Path(cfg.data_dir) / "tinyshakespeare"
     path = folder / "input.txt"
     if not path.exists():
-        created = [p for p in [folder, *folder.parents] if not p.exists()]  # removed again if the download fails
+        created = [p for p in [folder, *folder.parents] if not p.exists()]  # removed on failure
         try:
             folder.mkdir(parents=True, exist_ok=True)
             with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as response:
@@ -124,237 +153,203 @@ def load_text(args):
         except Exception as e:
             if created:
                 shutil.rmtree(created[-1], ignore_errors=True)
-            sys.exit(f"error: Tiny Shakespeare not found at {path} and the download failed ({type(e).__name__}); "
-                     f"put char-rnn's input.txt there, or point --data-dir / DATA_DIR at a folder holding tinyshakespeare/input.txt")
+            sys.exit(f"error: Tiny Shakespeare not found at {path} and the download failed "
+                     f"({type(e).__name__}); put char-rnn's input.txt there, or point --data-dir / "
+                     f"DATA_DIR at a folder holding tinyshakespeare/input.txt")
     return path.read_text(encoding="utf-8")
 
 
-def split_data(text, tokenizer, block_size, name):
-    """90/10 train/val split of the encoded text, as int64 tensors; both must hold a block and its target."""
+def load_data(cfg, vocab=None):
+    """The text, its tokenizer (from `vocab` when resuming) and the 90/10 train/validation split of
+    the encoded text, int64 tensors; each part must hold a block and its target."""
+    text = load_text(cfg)
+    tokenizer = CharTokenizer(vocab) if vocab else CharTokenizer.from_text(text)
+    if tokenizer.unknown(text):
+        sys.exit(f"error: the text has characters the checkpoint's vocabulary lacks: "
+                 f"{tokenizer.unknown(text)!r}")
     data = torch.tensor(tokenizer.encode(text), dtype=torch.long)
     n = int(0.9 * len(data))
-    train, val = data[:n], data[n:]
-    if len(val) < block_size + 1:
-        sys.exit(f"error: --block-size {block_size} is too large for {name}: its {len(data)} characters leave "
-                 f"{len(val)} for validation, fewer than block_size + 1; use a smaller --block-size or a longer text")
-    return train, val
+    if len(data) - n < cfg.block_size + 1:
+        sys.exit(f"error: --block-size {cfg.block_size} is too large for "
+                 f"{cfg.text_file or 'Tiny Shakespeare'}: its {len(data)} characters leave "
+                 f"{len(data) - n} for validation, fewer than block_size + 1; use a smaller "
+                 f"--block-size or a longer text")
+    return text, tokenizer, {"train": data[:n], "val": data[n:]}
 
 
 def get_batch(data, block_size, batch_size, generator):
-    """batch_size random windows of the text: inputs x (B, T) and targets y = x shifted left by one."""
+    """batch_size random windows of the text: inputs x (B, T), targets y = x shifted left by one."""
     starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator)
     chunks = data[starts[:, None] + torch.arange(block_size + 1)]   # (B, T + 1)
     return chunks[:, :-1], chunks[:, 1:]
 
 
-def lr_at(progress, args, step):
-    """Linear warmup over warmup_steps, then cosine decay from lr to min_lr as progress goes from 0 to 1."""
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+# ------------------------------------------------------------------------------- model and schedule
+def build(cfg, vocab_size, device, rank, resume=None):
+    """The model, its AdamW and this rank's generator of training windows, all as they were at the
+    end of `resume` (a checkpoint) when given."""
+    batches = torch.Generator().manual_seed(cfg.seed + rank)  # each rank draws its own windows
+    model = GPT(GPTConfig(vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd,
+                          cfg.dropout, cfg.attn_dropout, cfg.bias)).to(device)
+    optimizer = model.configure_optimizer(cfg.weight_decay, cfg.lr, (0.9, cfg.beta2), device.type)
+    if resume:
+        load_weights(model, resume["model"], cfg.resume)
+        optimizer.load_state_dict(resume["optimizer"])
+        set_rng_state(resume["rng"])
+        batches.set_state(resume["batches"][rank % len(resume["batches"])])
+    return model, optimizer, batches
 
 
+def load_weights(model, state_dict, path):
+    """model.load_state_dict, or one line when the checkpoint's weights do not fit this model.py."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError:  # e.g. written before the modules took nanoGPT's names
+        sys.exit(f"error: checkpoint {path} holds weights that do not fit this model.py "
+                 f"(other module names or shapes)")
+
+
+def lr_at(progress, cfg, step):
+    """Linear warmup over warmup_steps, then cosine decay from lr to min_lr as progress goes from 0
+    to 1."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def progress_of(step, cfg, clock, reserve, ddp, device):
+    """How far the run is, 0 to 1 (it ends at 1): step / --steps, or with --max-minutes the share
+    of the budget spent, less `reserve` seconds kept for the last evaluation so that it fits too."""
+    if not cfg.max_minutes:
+        return step / cfg.steps
+    progress = clock.seconds / max(cfg.max_minutes * 60 - reserve, 1e-3)
+    if ddp:  # every rank follows rank 0's clock, or they would differ in lr and stop at other steps
+        progress = torch.tensor([progress], device=device)
+        dist.broadcast(progress, 0)
+        progress = progress.item()
+    return progress
+
+
+# ----------------------------------------------------------------- evaluation, sampling, checkpoint
 @torch.no_grad()
-def estimate_loss(model, splits, args, device, autocast):
-    """Mean loss over eval_batches batches per split, always the same batches (a fixed generator)."""
+def estimate_loss(model, splits, cfg, device):
+    """Mean loss over eval_batches batches per split, always the same ones (a fixed generator)."""
     model.eval()
     losses = {}
     for name, data in splits.items():
-        generator = torch.Generator().manual_seed(args.seed)
+        generator = torch.Generator().manual_seed(cfg.seed)
         total = 0.0
-        for _ in range(args.eval_batches):
-            x, y = get_batch(data, args.block_size, args.batch_size, generator)
-            with autocast:
+        for _ in range(cfg.eval_batches):
+            x, y = get_batch(data, cfg.block_size, cfg.batch_size, generator)
+            with autocast(device):
                 total += model(x.to(device), y.to(device))[1].item()
-        losses[name] = total / args.eval_batches
+        losses[f"{name}_loss"] = total / cfg.eval_batches
     model.train()
     return losses
 
 
-def save_checkpoint(path, obj):
-    torch.save(obj, str(path) + ".tmp")
-    os.replace(str(path) + ".tmp", path)
+def sample(model, tokenizer, prompt, cfg, device):
+    """--sample-chars characters continuing the prompt (T,), always drawn with the same seed."""
+    model.eval()
+    out = model.generate(prompt[None].to(device), cfg.sample_chars, temperature=0.8, top_k=40,
+                         generator=torch.Generator(device).manual_seed(cfg.seed))
+    model.train()
+    return tokenizer.decode(out[0].tolist()) + "\n" + "-" * 40
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """A checkpoint written by this folder's train.py, or a one-line exit saying what is wrong with it."""
-    if not os.path.isfile(path):
-        sys.exit(f"error: checkpoint {path} not found")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        sys.exit(f"error: checkpoint {path} is truncated or corrupt ({type(e).__name__})")
-    if not isinstance(ckpt, dict) or ckpt.get("folder") != "gpt":
-        folder = ckpt.get("folder") if isinstance(ckpt, dict) else None
-        sys.exit(f"error: checkpoint {path} was not written by gpt/train.py (folder: {folder!r})")
-    return ckpt
+def save(out_dir, is_best, model, optimizer, tokenizer, cfg, batches, ddp, **state):
+    """The run as plain data (config, vocabulary, weights, optimiser, RNGs and `state`) to ckpt.pt,
+    and to best.pt when is_best. Every rank's batch generator goes in (a collective under DDP), so
+    that a resumed run draws the same windows; rank 0 writes."""
+    generators = [batches.get_state()]
+    if ddp:
+        generators = [None] * dist.get_world_size()
+        dist.all_gather_object(generators, batches.get_state())
+    if not ddp or dist.get_rank() == 0:
+        ckpt = {"folder": "gpt", "config": config_dict(cfg), "vocab": tokenizer.chars,
+                "model_config": dataclasses.asdict(model.config), "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "rng": rng_state(), "batches": generators,
+                **state}
+        save_checkpoint(out_dir / "ckpt.pt", ckpt)  # the latest state: what --resume continues
+        if is_best:  # the best validation loss so far: what sample.py loads by default
+            save_checkpoint(out_dir / "best.pt", ckpt)
 
 
-def pick_device(name):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
-        sys.exit(f"error: --device {name} is not available on this machine")
-    return name
+def evaluate(model, splits, tokenizer, cfg, device, log, bar, **row):
+    """The loss on both splits, logged with `row` (metrics.csv, W&B) and printed, then a sample
+    printed; returns the validation loss."""
+    row.update(estimate_loss(model, splits, cfg, device))
+    log.log(**row)
+    bar.write(f"step {row['step']}: train {row['train_loss']:.4f}, val {row['val_loss']:.4f}, "
+              f"{row['train_seconds']:.0f} s, {row['tokens_per_second']:,.0f} tokens/s")
+    if cfg.sample_chars:
+        bar.write(sample(model, tokenizer, splits["train"][:1], cfg, device))
+    return row["val_loss"]
 
 
-# ------------------------------------------------------------------------------------------------------ training
+
+# ----------------------------------------------------------------------------------------- training
 def main(argv=None):
-    args = parse_args(argv)
-    resume = load_checkpoint(args.resume) if args.resume else None
-    if resume is not None:  # the model's shape comes from the checkpoint; training flags from this command line
-        for name in ["n_layer", "n_head", "n_embd", "block_size", "bias", "text_file", "dataset"]:
-            setattr(args, name, resume["config"][name])
-
-    # DDP set-up (nanoGPT style): torchrun sets RANK; one process per device, rank 0 logs and saves.
-    ddp = "RANK" in os.environ
+    cfg, resume = resume_config(parse_config(Config, argv, PRESETS))
+    ddp, rank, world, device = setup(cfg)
+    master = rank == 0  # logs, samples and writes the checkpoints
+    clock = Clock(cfg.max_minutes, seconds=resume["seconds"] if resume else 0.0)
+    text, tokenizer, splits = load_data(cfg, resume["vocab"] if resume else None)
+    raw_model, optimizer, batches = build(cfg, len(tokenizer), device, rank, resume)
+    model = torch.compile(raw_model) if cfg.compile else raw_model
     if ddp:
-        dist.init_process_group(backend="nccl" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}" if dist.get_backend() == "nccl" else "cpu"
-        if device != "cpu":
-            torch.cuda.set_device(device)
-    else:
-        rank, world, device = 0, 1, pick_device(args.device)
-    master = rank == 0
-    device_type = device.split(":")[0]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
-
-    text = load_text(args)
-    tokenizer = CharTokenizer(resume["vocab"]) if resume else CharTokenizer.from_text(text)
-    if resume and tokenizer.unknown(text):
-        sys.exit(f"error: the text has characters the checkpoint's vocabulary lacks: {tokenizer.unknown(text)!r}")
-    name = args.text_file or "Tiny Shakespeare"
-    train_data, val_data = split_data(text, tokenizer, args.block_size, name)
-    batch_generator = torch.Generator().manual_seed(args.seed + rank)  # each rank draws its own windows
-
-    config = GPTConfig(vocab_size=len(tokenizer), block_size=args.block_size, n_layer=args.n_layer,
-                       n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, attn_dropout=args.attn_dropout, bias=args.bias)
-    model = GPT(config).to(device)
-    optimizer = model.configure_optimizer(args.weight_decay, args.lr, (0.9, args.beta2), device_type)
-    step, best_val, train_seconds = 0, float("inf"), 0.0
-    if resume:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        step, best_val, train_seconds = resume["step"], resume["best_val"], resume["train_seconds"]
-        torch.set_rng_state(resume["rng"]["torch"])
-        batch_generator.set_state(resume["rng"]["batches"][rank % len(resume["rng"]["batches"])])
-        random.setstate((resume["rng"]["python"][0], tuple(resume["rng"]["python"][1]), resume["rng"]["python"][2]))
-        np.random.set_state(("MT19937", np.array(resume["rng"]["numpy"][0], dtype=np.uint32), *resume["rng"]["numpy"][1:]))
-    raw_model = model
-    if args.compile:
-        model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[torch.cuda.current_device()] if device_type == "cuda" else None)
-
-    out_dir = Path(args.out_dir)
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    step, best_val, train_seconds = (resume["step"], resume["best_val"], resume["train_seconds"]) \
+        if resume else (0, math.inf, 0.0)
+    out_dir = make_out_dir(cfg.out_dir)
+    log = MetricsLog(out_dir, COLUMNS, resume=bool(resume), project="gpt", enabled=master,
+                     wandb_config=config_dict(cfg) if cfg.wandb else None)
     if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        print(f"{name}: {len(text):,} characters, vocabulary {len(tokenizer)}; "
-              f"model {raw_model.num_params() / 1e6:.2f}M parameters on {device} x {world}")
-        log_file = open(out_dir / "metrics.csv", "a" if resume else "w", newline="")
-        log = csv.writer(log_file)
-        if not resume:
-            log.writerow(["step", "train_loss", "val_loss", "lr", "train_seconds", "tokens_per_second"])
-        if args.wandb:
-            import wandb
-            wandb.init(project="gpt", config=vars(args))
-
-    def checkpoint(path):
-        python_state = random.getstate()
-        numpy_state = np.random.get_state()
-        batch_states = [torch.empty(0, dtype=torch.uint8) for _ in range(world)]
-        if ddp:  # every rank's batch generator, so that a resumed run draws the same windows
-            dist.all_gather_object(batch_states, batch_generator.get_state())
-        else:
-            batch_states = [batch_generator.get_state()]
-        if master:
-            save_checkpoint(path, {
-                "folder": "gpt", "config": vars(args), "model_config": vars(config), "vocab": tokenizer.chars,
-                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                "best_val": best_val, "train_seconds": train_seconds,
-                "rng": {"torch": torch.get_rng_state(), "batches": batch_states,
-                        "python": [python_state[0], list(python_state[1]), python_state[2]],
-                        "numpy": [numpy_state[1].tolist(), *numpy_state[2:]]}})
-
-    tokens_per_step = args.batch_size * args.block_size * world
-    budget = args.max_minutes * 60
-    bar = tqdm(total=args.steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
-    window_start, window_steps = time.perf_counter(), 0  # throughput is measured between evaluations
+        print(f"{cfg.text_file or 'Tiny Shakespeare'}: {len(text):,} characters, vocabulary "
+              f"{len(tokenizer)}; model {raw_model.num_params() / 1e6:.2f}M parameters on "
+              f"{device} x {world}")
+    resumed_at, tokens_per_step = step if resume else None, cfg.batch_size * cfg.block_size * world
+    bar = tqdm(total=cfg.steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
+    window_start, window_step, reserve = time.perf_counter(), step, 0.0  # reserve: one evaluation
     while True:
-        train_time = train_seconds + time.perf_counter() - window_start  # seconds of training, evaluations excluded
-        progress = train_time / budget if budget else step / args.steps
-        if ddp and budget:  # every rank follows rank 0's clock, or they would differ in lr and stop at other steps
-            progress_t = torch.tensor([progress], device=device)
-            dist.broadcast(progress_t, 0)
-            progress = progress_t.item()
-        done = step >= args.steps or progress >= 1.0
-        # evaluate, print a sample, checkpoint: every eval_interval steps and at the end
-        if (step % args.eval_interval == 0 or done) and not (resume and step == resume["step"] and not done):
-            train_seconds = train_time
-            tokens_per_second = window_steps * tokens_per_step / (time.perf_counter() - window_start)
-            is_best = False
-            if master:
-                losses = estimate_loss(raw_model, {"train": train_data, "val": val_data}, args, device, autocast)
-                lr = optimizer.param_groups[0]["lr"]
-                bar.write(f"step {step}: train {losses['train']:.4f}, val {losses['val']:.4f}, "
-                          f"{train_seconds:.0f} s, {tokens_per_second:,.0f} tokens/s")
-                log.writerow([step, f"{losses['train']:.4f}", f"{losses['val']:.4f}", f"{lr:.3e}",
-                              f"{train_seconds:.1f}", f"{tokens_per_second:.0f}"])
-                log_file.flush()
-                if args.wandb:
-                    wandb.log({"train/loss": losses["train"], "val/loss": losses["val"], "lr": lr,
-                               "tokens_per_second": tokens_per_second}, step=step)
-                if args.sample_chars:
-                    raw_model.eval()
-                    prompt = torch.tensor([tokenizer.encode(text[0])], device=device)
-                    out = raw_model.generate(prompt, args.sample_chars, temperature=0.8, top_k=40,
-                                             generator=torch.Generator(device).manual_seed(args.seed))
-                    bar.write(tokenizer.decode(out[0].tolist()) + "\n" + "-" * 40)
-                    raw_model.train()
-                is_best = losses["val"] < best_val
-                best_val = min(best_val, losses["val"])
-            checkpoint(out_dir / "last.pt")
-            if is_best:  # best-val checkpoint: what sample.py uses by default
-                shutil.copyfile(out_dir / "last.pt", out_dir / "best.pt.tmp")
-                os.replace(out_dir / "best.pt.tmp", out_dir / "best.pt")
-            window_start, window_steps = time.perf_counter(), 0
+        progress = progress_of(step, cfg, clock, reserve, ddp, device)
+        done = step >= cfg.steps or progress >= 1 or clock.done()
+        if done or step % cfg.eval_interval == 0 and step != resumed_at:  # evaluate, sample, save
+            eval_start = time.perf_counter()
+            train_seconds += eval_start - window_start  # training time, evaluations excluded
+            speed = (step - window_step) * tokens_per_step / (eval_start - window_start)
+            val_loss = evaluate(raw_model, splits, tokenizer, cfg, device, log, bar, step=step,
+                                lr=optimizer.param_groups[0]["lr"], train_seconds=train_seconds,
+                                tokens_per_second=speed) if master else math.inf
+            is_best, best_val = val_loss < best_val, min(best_val, val_loss)
+            save(out_dir, is_best, raw_model, optimizer, tokenizer, cfg, batches, ddp, step=step,
+                 best_val=best_val, seconds=clock.seconds, train_seconds=train_seconds)
+            window_start, window_step = time.perf_counter(), step
+            reserve = window_start - eval_start  # about what the last evaluation will take
         if done:
             break
 
         # one optimisation step: schedule -> batch -> forward -> loss -> backward -> clip -> step
-        lr = lr_at(progress, args, step)
+        lr = lr_at(progress, cfg, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = get_batch(train_data, args.block_size, args.batch_size, batch_generator)
-        with autocast:
+        x, y = get_batch(splits["train"], cfg.block_size, cfg.batch_size, batches)
+        with autocast(device):
             _, loss = model(x.to(device), y.to(device))
         loss.backward()
-        if args.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        window_steps += 1
-        if master:
-            bar.update(1)
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
+        bar.update(1)
+        if master and step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
     bar.close()
+    log.close()
     if master:
-        log_file.close()
         print(f"best val loss {best_val:.4f}; checkpoints in {out_dir}")
-        if args.wandb:
-            wandb.finish()
-    if ddp:
-        dist.barrier()  # no rank tears down its connections while another still reads from them
-        dist.destroy_process_group()
+    teardown(ddp)
     return best_val
 
 
