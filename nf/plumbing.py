@@ -70,13 +70,13 @@ def add_field(parser, field, help_text):
     if type(None) in args:  # `int | None`: the flag may be left out
         kind = next(a for a in args if a is not type(None))
     default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-    options = dict(default=default, help=help_text)
+    options = dict(default=default, help=help_text.replace("%", "%%"))  # argparse %-formats help
     if kind is bool:
         options["action"] = argparse.BooleanOptionalAction
     elif typing.get_origin(kind) is typing.Literal:
         options.update(choices=typing.get_args(kind), type=type(typing.get_args(kind)[0]))
     elif typing.get_origin(kind) in (list, tuple):
-        options.update(nargs="+", type=typing.get_args(kind)[0])
+        options.update(nargs="*", type=typing.get_args(kind)[0])  # `--flag` alone: empty
     else:
         options["type"] = kind
     parser.add_argument(flag(field.name), **options)

@@ -27,7 +27,7 @@ class Config:
     """A demo configuration."""
 
     dataset: Literal["mnist", "fashion_mnist", "cifar10"] = "mnist"  # which dataset
-    lr: float = 3e-3  # peak learning rate
+    lr: float = 3e-3  # peak learning rate (100% at the end of warmup)
     steps: int = 100  # optimiser steps
     shift: float = 0.0  # a knob that may be negative
     resume: str | None = None  # continue from this checkpoint
@@ -60,10 +60,10 @@ def test_every_field_is_a_flag_with_its_comment_as_help(capsys):
     assert excinfo.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
     for text in [
-        "--lr LR peak learning rate (default: 0.003)",
+        "--lr LR peak learning rate (100% at the end of warmup) (default: 0.003)",
         "--compile, --no-compile",
         "{mnist,fashion_mnist,cifar10}",
-        "--widths WIDTHS [WIDTHS ...]",
+        "--widths [WIDTHS ...]",
         "--preset {cpu,gpu}",
         "continue from this checkpoint",
     ]:
