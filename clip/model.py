@@ -1,9 +1,13 @@
 """CLIP at MNIST scale: "Learning Transferable Visual Models From Natural Language Supervision".
 
 Radford et al., 2021, https://arxiv.org/abs/2103.00020. Read top to bottom in the paper's order:
-the tokenizer and the text encoder (Sec. 2.4), the image encoder (Sec. 2.4, here a small CNN),
-the joint embedding with a learned temperature and the symmetric loss (Sec. 2.3, Figure 3), then
-zero-shot classification with prompt ensembles (Sec. 3.1.2, 3.1.4) and text -> image search.
+the tokenizer and the text encoder (Sec. 2.4, a GPT-2-style Transformer with nanoGPT's part names:
+wte, wpe, h, ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc, mlp.c_proj, ln_f), the image encoder
+(Sec. 2.4, here a small CNN), the joint embedding with a learned temperature and the symmetric loss
+(Sec. 2.3, Figure 3), then zero-shot classification with prompt ensembles (Sec. 3.1.2, 3.1.4) and
+text -> image search. Last, below the paper's plain computation, one speed-up that training uses:
+each distinct caption of a batch encoded once (unique_captions), exact, tested against the plain
+CLIP.encode_text.
 """
 import math
 
@@ -17,8 +21,9 @@ PAD, SOT, EOT = 0, 1, 2  # padding, [SOS] and [EOS] of Sec. 2.4
 class CharTokenizer:
     """Characters to ids: [SOS] text [EOS] then padding. Lower-cases and collapses spaces first.
 
-    The paper uses a 49,152-token BPE vocabulary; with captions made of a few dozen words, characters
-    are enough and any new phrasing made of these characters can be read (no unknown words).
+    The paper uses a 49,152-token BPE vocabulary; with captions made of a few dozen words,
+    characters are enough and any new phrasing made of these characters can be read (no unknown
+    words).
     """
 
     CHARS = " abcdefghijklmnopqrstuvwxyz0123456789'-,.:/"
@@ -34,15 +39,17 @@ class CharTokenizer:
         return " ".join(text.lower().split())
 
     def encode(self, text):
-        """One caption -> [SOT, ids..., EOT]. ValueError (one line) for empty, unknown or too long."""
+        """One caption -> [SOT, ids..., EOT]. ValueError (one line): empty, unknown or too long."""
         text = self.normalize(text)
         if not text:
             raise ValueError("empty text: give a caption such as 'a handwritten seven'")
         unknown = sorted({c for c in text if c not in self.stoi})
         if unknown:
-            raise ValueError(f"unknown characters {''.join(unknown)!r} in {text!r}; known: {self.chars!r}")
+            raise ValueError(f"unknown characters {''.join(unknown)!r} in {text!r}; "
+                             f"known: {self.chars!r}")
         if len(text) + 2 > self.context_length:
-            raise ValueError(f"text of {len(text)} characters is longer than {self.context_length - 2}: {text!r}")
+            raise ValueError(f"text of {len(text)} characters is longer than "
+                             f"{self.context_length - 2}: {text!r}")
         return [SOT] + [self.stoi[c] for c in text] + [EOT]
 
     def decode(self, ids):
@@ -61,17 +68,29 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, width, num_heads):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
+        self.c_attn = nn.Linear(width, 3 * width)  # query, key and value in one matmul
+        self.c_proj = nn.Linear(width, width)
 
     def forward(self, x):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2) for t in (q, k, v))
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
+                   for t in (q, k, v))  # (B, H, T, C/H)
         # Masked self-attention (Sec. 2.4): position t sees tokens <= t, so the padding after [EOS]
         # never reaches the [EOS] feature.
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, C/H)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.c_fc = nn.Linear(width, 4 * width)
+        self.gelu = nn.GELU()
+        self.c_proj = nn.Linear(4 * width, width)
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
 
 
 class Block(nn.Module):
@@ -82,7 +101,7 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(width)
         self.attn = CausalSelfAttention(width, num_heads)
         self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.mlp = MLP(width)
 
     def forward(self, x):
         x = x + self.attn(self.ln_1(x))
@@ -90,18 +109,18 @@ class Block(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """Causal Transformer; the caption's feature is the top layer's activation at [EOS] (Sec. 2.4)."""
+    """Causal Transformer; a caption's feature is the top layer's activation at [EOS] (Sec. 2.4)."""
 
     def __init__(self, vocab_size, context_length, width, layers, num_heads):
         super().__init__()
-        self.token_embedding = nn.Embedding(vocab_size, width)
-        self.positional_embedding = nn.Parameter(torch.randn(context_length, width) * 0.01)
-        self.blocks = nn.Sequential(*[Block(width, num_heads) for _ in range(layers)])
-        self.ln_final = nn.LayerNorm(width)
+        self.wte = nn.Embedding(vocab_size, width)  # token embeddings
+        self.wpe = nn.Parameter(torch.randn(context_length, width) * 0.01)  # position embeddings
+        self.h = nn.Sequential(*[Block(width, num_heads) for _ in range(layers)])
+        self.ln_f = nn.LayerNorm(width)
 
     def forward(self, tokens):
-        x = self.token_embedding(tokens) + self.positional_embedding[:tokens.shape[1]]  # (B, T, width)
-        x = self.ln_final(self.blocks(x))
+        x = self.wte(tokens) + self.wpe[:tokens.shape[1]]  # (B, T, width)
+        x = self.ln_f(self.h(x))
         eot_index = (tokens == EOT).int().argmax(dim=1)  # (B,) the first [EOS] of each row
         return x[torch.arange(tokens.shape[0], device=tokens.device), eot_index]  # (B, width)
 
@@ -117,7 +136,8 @@ class ImageEncoder(nn.Module):
         super().__init__()
 
         def stage(c_in, c_out):
-            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                    nn.ReLU()]
 
         self.net = nn.Sequential(*stage(1, width), nn.MaxPool2d(2),             # (B, w, 14, 14)
                                  *stage(width, 2 * width), nn.MaxPool2d(2),     # (B, 2w, 7, 7)
@@ -130,7 +150,7 @@ class ImageEncoder(nn.Module):
 
 
 class CLIP(nn.Module):
-    """Two encoders, each followed by a linear projection into the joint space (Figure 3: W_i, W_t)."""
+    """Two encoders, each followed by a linear map into the joint space (Figure 3: W_i, W_t)."""
 
     def __init__(self, vocab_size, context_length=48, embed_dim=64, image_width=16,
                  text_width=32, text_layers=2, text_heads=4):
@@ -139,20 +159,15 @@ class CLIP(nn.Module):
         self.text = TextEncoder(vocab_size, context_length, text_width, text_layers, text_heads)
         self.image_projection = nn.Linear(self.visual.out_dim, embed_dim, bias=False)  # W_i
         self.text_projection = nn.Linear(text_width, embed_dim, bias=False)            # W_t
-        # Learned temperature, "initialized to the equivalent of 0.07" and clipped so that logits are
-        # scaled by at most 100 (Sec. 2.5). Stored as log(1/T) so it stays positive.
+        # Learned temperature, "initialized to the equivalent of 0.07" and clipped so that logits
+        # are scaled by at most 100 (Sec. 2.5). Stored as log(1/T) so it stays positive.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def encode_image(self, images):
         return F.normalize(self.image_projection(self.visual(images)), dim=-1)  # (B, D), ||.|| = 1
 
     def encode_text(self, tokens):
-        # Captions repeat within a batch (10 classes, a few templates): each distinct caption is encoded
-        # once, and only up to the longest [EOS]. Both are exact: attention is causal, features are per row.
-        length = int((tokens == EOT).int().argmax(dim=1).max()) + 1
-        unique, inverse = torch.unique(tokens[:, :length], dim=0, return_inverse=True)  # (U, length), (B,)
-        features = F.normalize(self.text_projection(self.text(unique)), dim=-1)  # (U, D), ||.|| = 1
-        return features[inverse]  # (B, D)
+        return F.normalize(self.text_projection(self.text(tokens)), dim=-1)  # (B, D), ||.|| = 1
 
     def scale(self):
         return self.logit_scale.clamp(max=math.log(100)).exp()  # 1/T <= 100
@@ -174,9 +189,11 @@ def clip_loss(image_features, text_features, logit_scale):
 
 @torch.no_grad()
 def class_text_embeddings(model, tokenizer, captions_per_class, device):
-    """Prompt ensembling (Sec. 3.1.4): a class is the mean of its captions' unit embeddings, renormalised.
+    """Prompt ensembling (Sec. 3.1.4): a class is the mean of its captions' unit embeddings,
+    renormalised.
 
-    captions_per_class: C lists of captions. Returns (C, D) unit vectors: the zero-shot classifier weights.
+    captions_per_class: C lists of captions. Returns (C, D) unit vectors: the zero-shot classifier
+    weights.
     """
     weights = []
     for captions in captions_per_class:
@@ -198,6 +215,24 @@ def zero_shot_predict(image_features, class_weights):
 
 
 def precision_at_k(image_features, labels, query_features, query_labels, k=10):
-    """Text -> image search: the fraction of each query's top-k images that have the query's class."""
+    """Text -> image search: the share of each query's top-k images that have the query's class."""
     top = (query_features @ image_features.t()).topk(k, dim=1).indices  # (Q, k)
     return (labels[top] == query_labels[:, None]).float().mean().item()
+
+
+# -------------------------------------------------------------------------------------------------
+# Speed machinery, not the paper: what training adds to the plain computation above.
+
+
+def unique_captions(tokens):
+    """Each distinct caption of a batch once, cut after the batch's longest [EOS].
+
+    Captions repeat within a batch (10 classes, a few templates: a batch of 128 holds about 88
+    distinct ones), so encoding each once skips about a third of the rows, and the cut skips the
+    padding after the longest caption. Neither changes the result, beyond float rounding: attention
+    is causal and features are computed per row, so
+        model.encode_text(unique)[inverse] == model.encode_text(tokens)
+    (test_unique_captions_encode_like_the_plain_batch). tokens (B, T) -> (U, T'), inverse (B,).
+    """
+    length = int((tokens == EOT).int().argmax(dim=1).max()) + 1
+    return torch.unique(tokens[:, :length], dim=0, return_inverse=True)

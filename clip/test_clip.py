@@ -1,10 +1,11 @@
-"""CLIP's claims as a checklist, each against an independent reference. Runs offline on fake data."""
+"""CLIP's claims as a checklist, each against an independent reference. Offline, on fake data."""
 import csv
 import math
 import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ from hypothesis import strategies as st
 import model
 import sample
 import train
-from model import CLIP, EOT, CharTokenizer, clip_loss
+from model import CLIP, EOT, CharTokenizer, clip_loss, unique_captions
+from plumbing import load_checkpoint
 
 HERE = Path(__file__).resolve().parent
 torch.set_num_threads(1)  # tiny tensors: threads only add overhead
@@ -24,13 +26,13 @@ torch.set_num_threads(1)  # tiny tensors: threads only add overhead
 
 def tiny_clip(**kw):
     torch.manual_seed(0)
-    config = dict(vocab_size=CharTokenizer().vocab_size, context_length=48, embed_dim=16, image_width=4,
-                  text_width=16, text_layers=1, text_heads=2)
+    config = dict(vocab_size=CharTokenizer().vocab_size, context_length=48, embed_dim=16,
+                  image_width=4, text_width=16, text_layers=1, text_heads=2)
     config.update(kw)
     return CLIP(**config)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The loss, the temperature, the embeddings
 
 
@@ -38,12 +40,16 @@ def test_loss_is_mean_of_two_cross_entropies_by_hand():
     torch.manual_seed(0)
     image, text = F.normalize(torch.randn(5, 8), dim=1), F.normalize(torch.randn(5, 8), dim=1)
     scale = 1 / 0.07
-    sim = [[scale * sum(float(image[i, d]) * float(text[j, d]) for d in range(8)) for j in range(5)] for i in range(5)]
-    image_to_text = sum(-sim[i][i] + math.log(sum(math.exp(sim[i][j]) for j in range(5))) for i in range(5)) / 5
-    text_to_image = sum(-sim[j][j] + math.log(sum(math.exp(sim[i][j]) for i in range(5))) for j in range(5)) / 5
+    sim = [[scale * sum(float(image[i, d]) * float(text[j, d]) for d in range(8)) for j in range(5)]
+           for i in range(5)]
+    image_to_text = sum(-sim[i][i] + math.log(sum(math.exp(sim[i][j]) for j in range(5)))
+                        for i in range(5)) / 5
+    text_to_image = sum(-sim[j][j] + math.log(sum(math.exp(sim[i][j]) for i in range(5)))
+                        for j in range(5)) / 5
     loss = clip_loss(image, text, torch.tensor(scale))
     assert loss.item() == pytest.approx((image_to_text + text_to_image) / 2, rel=1e-5)
-    assert clip_loss(text, image, torch.tensor(scale)).item() == pytest.approx(loss.item(), rel=1e-6)  # symmetric
+    symmetric = clip_loss(text, image, torch.tensor(scale)).item()
+    assert symmetric == pytest.approx(loss.item(), rel=1e-6)
 
 
 def test_temperature_starts_at_0_07_and_logit_scale_is_clamped_at_100():
@@ -65,12 +71,13 @@ def test_embeddings_have_unit_norm():
         torch.testing.assert_close(n, torch.ones(3))
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Tokenizer and [EOS] pooling
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.text(alphabet=CharTokenizer.CHARS + "ABCXYZ\t", min_size=1, max_size=40).filter(lambda s: s.strip()))
+@given(st.text(alphabet=CharTokenizer.CHARS + "ABCXYZ\t", min_size=1, max_size=40)
+       .filter(lambda s: s.strip()))
 def test_tokenizer_round_trip(text):
     tokenizer = CharTokenizer()
     ids = tokenizer.encode(text)
@@ -78,7 +85,8 @@ def test_tokenizer_round_trip(text):
     assert tokenizer.decode(ids) == " ".join(text.lower().split())
 
 
-@pytest.mark.parametrize("text", ["", "   ", "a handwritten \u00e9", "a h\u00e4ndwritten 4", "x" * 47])
+@pytest.mark.parametrize("text", ["", "   ", "a handwritten \u00e9", "a h\u00e4ndwritten 4",
+                                  "x" * 47])
 def test_tokenizer_rejects_empty_unknown_and_too_long_text(text):
     with pytest.raises(ValueError):
         CharTokenizer(context_length=48).encode(text)
@@ -93,27 +101,34 @@ def test_eot_pooling_picks_the_eot_position_despite_padding():
         alone = torch.tensor([CharTokenizer().encode(text)])  # no padding at all
         eot = len(CharTokenizer().encode(text)) - 1  # brute force: the position of [EOS]
         assert tokens[row, eot] == EOT
-        torch.testing.assert_close(pooled[row], clip.text(alone)[0])  # the last token of the unpadded text
-        torch.testing.assert_close(pooled[row], clip.text.ln_final(clip.text.blocks(
-            clip.text.token_embedding(tokens) + clip.text.positional_embedding))[row, eot])
+        torch.testing.assert_close(pooled[row], clip.text(alone)[0])  # unpadded text's last token
+        torch.testing.assert_close(pooled[row], clip.text.ln_f(clip.text.h(
+            clip.text.wte(tokens) + clip.text.wpe))[row, eot])
 
 
-def test_encoding_distinct_captions_once_equals_encoding_each_caption():
+def test_unique_captions_encode_like_the_plain_batch():
+    """The speed-up training uses (each distinct caption once, cut after the longest [EOS]) against
+    the plain CLIP.encode_text of the whole padded batch, and of each caption alone."""
     clip = tiny_clip()
     texts = ["a handwritten 7", "2", "a handwritten 7", "the digit two", "2"]
-    batch = clip.encode_text(CharTokenizer()(texts))
+    tokens = CharTokenizer()(texts)
+    unique, inverse = unique_captions(tokens)
+    assert unique.shape == (3, len("a handwritten 7") + 2)  # 3 distinct; the longest, [SOS], [EOS]
+    fast = clip.encode_text(unique)[inverse]
+    torch.testing.assert_close(fast, clip.encode_text(tokens))
     one_by_one = torch.cat([clip.encode_text(CharTokenizer()([t])) for t in texts])
-    torch.testing.assert_close(batch, one_by_one)
+    torch.testing.assert_close(fast, one_by_one)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Captions, prompt ensembles, retrieval metric
 
 
 def test_heldout_templates_never_appear_in_training_captions():
     for part in ["mnist", "fashion_mnist"]:
         assert not set(train.TEMPLATES[part]["train"]) & set(train.TEMPLATES[part]["heldout"])
-        train_captions = {c for per_class in train.class_captions([part], "train") for c in per_class}
+        train_captions = {c for per_class in train.class_captions([part], "train")
+                          for c in per_class}
         heldout = {c for per_class in train.class_captions([part], "heldout") for c in per_class}
         assert not train_captions & heldout
 
@@ -123,7 +138,8 @@ def test_no_template_hides_a_class_name_outside_its_slot():
     for part in ["mnist", "fashion_mnist"]:
         for template in train.TEMPLATES[part]["train"] + train.TEMPLATES[part]["heldout"]:
             words = template.replace("{name}", " ").replace("{a}", " ")
-            assert not [n for names in train.CLASS_NAMES[part] for n in names if n in words], template
+            hidden = [n for names in train.CLASS_NAMES[part] for n in names if n in words]
+            assert not hidden, template
 
 
 def test_caption_sampler_draws_training_captions_of_each_label():
@@ -154,7 +170,8 @@ def test_precision_at_k_matches_brute_force():
     for q in range(3):
         order = sorted(range(30), key=lambda i: -float(queries[q] @ images[i]))[:5]
         expected.append(sum(int(labels[i] == query_labels[q]) for i in order) / 5)
-    assert model.precision_at_k(images, labels, queries, query_labels, k=5) == pytest.approx(sum(expected) / 3)
+    precision = model.precision_at_k(images, labels, queries, query_labels, k=5)
+    assert precision == pytest.approx(sum(expected) / 3)
 
 
 def test_tiny_model_learns_to_match_10_fixed_pairs():
@@ -170,10 +187,11 @@ def test_tiny_model_learns_to_match_10_fixed_pairs():
         optimizer.step()
     clip.eval()
     similarity = clip.encode_image(images) @ clip.encode_text(tokens).t()
-    assert (similarity.argmax(1) == torch.arange(10)).all() and (similarity.argmax(0) == torch.arange(10)).all()
+    assert (similarity.argmax(1) == torch.arange(10)).all()
+    assert (similarity.argmax(0) == torch.arange(10)).all()
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # End to end on fake data in torchvision's raw layout
 
 
@@ -188,14 +206,15 @@ def write_fake(root, folder, n_train=320, n_test=100):
         for i, c in enumerate(labels.tolist()):
             r, col = 3 + 12 * (c // 5), 1 + 5 * (c % 5)
             images[i, r:r + 6, col:col + 6] = 255
-        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28)
-                                                          + images.to(torch.uint8).numpy().tobytes())
-        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n)
-                                                          + labels.to(torch.uint8).numpy().tobytes())
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            struct.pack(">IIII", 2051, n, 28, 28) + images.to(torch.uint8).numpy().tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            struct.pack(">II", 2049, n) + labels.to(torch.uint8).numpy().tobytes())
 
 
-TINY = ["--batch-size", "32", "--lr", "1e-2", "--warmup-steps", "2", "--embed-dim", "16", "--image-width", "4",
-        "--text-width", "16", "--text-layers", "1", "--text-heads", "2", "--device", "cpu", "--threads", "1"]
+TINY = ["--batch-size", "32", "--lr", "1e-2", "--warmup-steps", "2", "--embed-dim", "16",
+        "--image-width", "4", "--text-width", "16", "--text-layers", "1", "--text-heads", "2",
+        "--device", "cpu", "--threads", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +228,8 @@ def fake_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(fake_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    metrics = train.main(TINY + ["--data-dir", str(fake_data), "--out-dir", str(out), "--epochs", "3"])
+    metrics = train.main(TINY + ["--data-dir", str(fake_data), "--out-dir", str(out), "--epochs",
+                                 "3"])
     return out, metrics
 
 
@@ -219,9 +239,10 @@ def test_training_loss_falls_and_checkpoint_round_trips(trained):
     losses = [float(r["loss"]) for r in rows]
     assert losses[-1] < losses[0] - 0.15
     assert rows[-1]["mnist_zero_shot_acc"] != ""
-    ckpt = train.load_checkpoint(str(out / "ckpt.pt"))
+    ckpt = load_checkpoint(out / "ckpt.pt", "clip")
     assert ckpt["folder"] == "clip" and ckpt["step"] == 30 and ckpt["config"]["epochs"] == 3
-    clip = train.build_model(ckpt["config"], CharTokenizer(ckpt["config"]["context_length"]).vocab_size)
+    vocab_size = CharTokenizer(ckpt["config"]["context_length"]).vocab_size
+    clip = train.build_model(ckpt["config"], vocab_size)
     clip.load_state_dict(ckpt["model"])
     for key, value in clip.state_dict().items():
         torch.testing.assert_close(value, ckpt["model"][key])
@@ -234,7 +255,7 @@ def test_same_seed_same_run_and_resume_continues_exactly(trained, fake_data, tmp
 
     def save_then_crash(path, obj):
         real_save(path, obj)
-        raise KeyboardInterrupt  # as if the run were killed right after the first epoch's checkpoint
+        raise KeyboardInterrupt  # as if the run were killed right after epoch 1's checkpoint
 
     monkeypatch.setattr(train, "save_checkpoint", save_then_crash)
     args = TINY + ["--data-dir", str(fake_data), "--out-dir", str(tmp_path), "--epochs", "3"]
@@ -249,25 +270,29 @@ def test_same_seed_same_run_and_resume_continues_exactly(trained, fake_data, tmp
 
 
 def test_both_datasets_train_and_are_scored_separately(fake_data, tmp_path):
-    metrics = train.main(TINY + ["--data-dir", str(fake_data), "--out-dir", str(tmp_path), "--epochs", "1",
-                                 "--dataset", "both"])
-    assert set(metrics) == {f"{p}_{m}" for p in ["mnist", "fashion_mnist"] for m in ["zero_shot_acc", "precision_at_10"]}
+    metrics = train.main(TINY + ["--data-dir", str(fake_data), "--out-dir", str(tmp_path),
+                                 "--epochs", "1", "--dataset", "both"])
+    assert set(metrics) == {f"{p}_{m}" for p in ["mnist", "fashion_mnist"]
+                            for m in ["zero_shot_acc", "precision_at_10"]}
     images, labels = train.load_split("both", str(fake_data), train=False)
     assert len(images) == 200 and labels[:100].max() == 9 and labels[100:].min() == 10
 
 
 def test_sample_zero_shot_search_and_caption_ranking(trained, fake_data, tmp_path, capsys):
     out, _ = trained
-    common = ["--ckpt", str(out / "ckpt.pt"), "--data-dir", str(fake_data), "--device", "cpu"]
-    sample.main(common + ["--zero-shot", "--confusion-out", str(tmp_path / "confusion.png")])
-    sample.main(common + ["--search", "a handwritten four", "--k", "5", "--out", str(tmp_path / "search.png")])
+    common = ["--checkpoint", str(out / "ckpt.pt"), "--data-dir", str(fake_data), "--device", "cpu",
+              "--out-dir", str(tmp_path / "pictures")]
+    sample.main(common + ["--zero-shot"])
+    sample.main(common + ["--search", "a handwritten four", "--k", "5"])
     sample.main(common + ["--image-index", "3", "--captions", "a handwritten 3", "the digit nine"])
     printed = capsys.readouterr().out
     assert "zero-shot accuracy" in printed and printed.count("test image") == 6
-    assert (tmp_path / "confusion.png").stat().st_size > 1000 and (tmp_path / "search.png").stat().st_size > 1000
+    pictures = tmp_path / "pictures"  # sample.py writes only there, under the README's file names
+    assert sorted(os.listdir(pictures)) == ["clip_confusion.png", "clip_search.png"]
+    assert all((pictures / name).stat().st_size > 1000 for name in os.listdir(pictures))
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Errors a user can cause: one line, non-zero exit, no traceback
 
 
@@ -287,40 +312,116 @@ def one_line_error(capsys, main, argv):
 @pytest.mark.parametrize("query", ["", "   ", "a handwritten \u0663"])
 def test_empty_or_unknown_query_is_a_one_line_error(trained, fake_data, capsys, query):
     out, _ = trained
-    message = one_line_error(capsys, sample.main, ["--ckpt", str(out / "ckpt.pt"), "--search", query])
+    argv = ["--checkpoint", str(out / "ckpt.pt"), "--search", query]
+    message = one_line_error(capsys, sample.main, argv)
     assert message.startswith("error:") and ("empty" in message or "unknown" in message)
 
 
-def test_bad_checkpoints_are_one_line_errors(tmp_path, capsys):
+class NotPlainData:
+    """An object weights_only=True refuses to unpickle (it could run code)."""
+
+
+def test_bad_checkpoints_are_one_line_errors(trained, tmp_path, capsys):
+    out, _ = trained
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
     torch.save({"folder": "gpt"}, tmp_path / "gpt.pt")
-    for path, words in [(tmp_path / "missing.pt", "does not exist"), (tmp_path / "broken.pt", "cannot read"),
-                        (tmp_path / "gpt.pt", "not a clip/")]:
-        assert words in one_line_error(capsys, sample.main, ["--ckpt", str(path), "--zero-shot"])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    del ckpt["model"]
+    torch.save(ckpt, tmp_path / "no_model.pt")
+    torch.save({"folder": "clip", "x": NotPlainData()}, tmp_path / "unsafe.pt")
+    for path, words in [(tmp_path / "missing.pt", "not found"),
+                        (tmp_path / "broken.pt", "truncated or corrupt"),
+                        (tmp_path / "gpt.pt", "not written by clip/"),
+                        (tmp_path / "no_model.pt", "lacks the key(s) 'model'"),
+                        (tmp_path / "unsafe.pt", "not allowed to load"),
+                        (out, "is a folder")]:
+        assert words in one_line_error(capsys, sample.main, ["--checkpoint", str(path),
+                                                             "--zero-shot"])
+        if path.name != "missing.pt":
+            resume = TINY + ["--resume", str(path), "--out-dir", str(tmp_path / "resumed")]
+            assert words in one_line_error(capsys, train.main, resume)
+    assert not (tmp_path / "resumed").exists()
 
 
-def test_bad_flags_are_one_line_errors(capsys):
-    for argv in [["--epochs", "0"], ["--text-width", "30", "--text-heads", "4"], ["--dataset", "cifar"]]:
-        assert "error:" in one_line_error(capsys, train.main, argv)
+def test_bad_flags_are_one_line_errors(capsys, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    for argv, words in [(["--epochs", "0"], "--epochs"),
+                        (["--text-width", "30", "--text-heads", "4"], "divisible"),
+                        (["--dataset", "cifar"], "invalid choice"),
+                        (["--lr", "nan"], "--lr must be a finite number"),
+                        (["--lr", "inf"], "--lr must be a finite number"),
+                        (["--lr", "-1"], "--lr cannot be negative"),
+                        (["--lr", "0"], "--lr must be > 0")]:
+        assert words in one_line_error(capsys, train.main, argv), argv
+    for argv in [["--k", "0", "--zero-shot"], ["--zero-shot", "--search", "a 4"], []]:
+        assert "error:" in one_line_error(capsys, sample.main, argv), argv
+
+
+def test_out_dir_that_is_a_file_is_one_line(fake_data, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    argv = TINY + ["--data-dir", str(fake_data), "--out-dir", str(tmp_path / "a_file")]
+    assert "is a file" in one_line_error(capsys, train.main, argv)
+
+
+class StopAfter(train.Clock):
+    """A wall clock that runs out after `checks` checks (as --max-minutes or Ctrl-C would)."""
+    checks = 14
+
+    def done(self):
+        self.checks -= 1
+        return self.checks < 0 or super().done()
+
+
+def test_max_minutes_stops_mid_epoch_and_resume_continues_exactly(trained, fake_data, tmp_path,
+                                                                     monkeypatch, capsys):
+    out, metrics = trained
+    args = TINY + ["--data-dir", str(fake_data), "--out-dir", str(tmp_path), "--epochs", "3"]
+    monkeypatch.setattr(train, "Clock", StopAfter)
+    train.main(args)  # stops after 14 of 30 steps, in the second epoch
+    assert "stopped at step 14 of 30" in capsys.readouterr().out
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 14
+    monkeypatch.undo()
+    assert train.main(args + ["--resume", str(tmp_path / "ckpt.pt")]) == metrics
+    resumed = torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]
+    straight = torch.load(out / "ckpt.pt", weights_only=True)["model"]
+    for key in straight:
+        assert torch.equal(resumed[key], straight[key]), key
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    straight_rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in straight_rows]
+
+
+def test_max_minutes_bounds_the_whole_run(fake_data, tmp_path):
+    start = time.perf_counter()
+    train.main(TINY + ["--data-dir", str(fake_data), "--out-dir", str(tmp_path), "--epochs", "1000",
+                       "--max-minutes", str(1 / 60)])
+    assert time.perf_counter() - start < 10  # one second of budget, then the checkpoint
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] < 10_000
 
 
 def test_missing_dataset_is_a_one_line_error_and_leaves_nothing(tmp_path):
-    """A subprocess, as a user would run it; a dead proxy makes the download fail fast even online."""
+    """A subprocess, as a user would run it; a dead proxy makes the download fail fast."""
     data = tmp_path / "nothing_here"
-    env = dict(os.environ, http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9", no_proxy="")
-    result = subprocess.run([sys.executable, "train.py", "--data-dir", str(data), "--out-dir", str(tmp_path / "run")],
-                            cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+    env = dict(os.environ, http_proxy="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9",
+               no_proxy="")
+    result = subprocess.run([sys.executable, "train.py", "--data-dir", str(data), "--out-dir",
+                             str(tmp_path / "run")], cwd=HERE, env=env, capture_output=True,
+                            text=True, timeout=120)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "MNIST" in result.stderr and "DATA_DIR" in result.stderr and result.stderr.strip().count("\n") == 0
+    assert "MNIST" in result.stderr and "DATA_DIR" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
     assert not data.exists() and not (tmp_path / "run").exists()
 
 
 def test_ddp_two_processes_train_with_a_global_similarity_matrix(fake_data, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *TINY,
-         "--data-dir", str(fake_data), "--out-dir", str(tmp_path), "--epochs", "1"],
-        cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr  # all of it: a failing rank's own message comes before torchrun's summary
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "train.py", *TINY, "--data-dir", str(fake_data), "--out-dir", str(tmp_path),
+         "--epochs", "1"],
+        cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+        timeout=120)
+    # all of stderr: a failing rank's own message comes before torchrun's summary
+    assert result.returncode == 0, result.stderr
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 10 and "x 2" in result.stdout
 
@@ -329,5 +430,5 @@ def test_ddp_two_processes_train_with_a_global_similarity_matrix(fake_data, tmp_
                     reason="real MNIST not in DATA_DIR")
 def test_real_mnist_loads_with_its_ten_classes():
     images, labels = train.load_split("mnist", os.environ.get("DATA_DIR", "data"), train=False)
-    assert images.shape == (10000, 28, 28) and images.dtype == torch.uint8
+    assert images.shape == (10000, 1, 28, 28) and images.dtype == torch.uint8
     assert torch.bincount(labels).tolist()[:2] == [980, 1135]
