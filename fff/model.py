@@ -1,10 +1,11 @@
-"""Fast Feedforward Networks (Belcak & Wattenhofer, 2023, arXiv:2308.14711), and the dense baselines.
+"""Fast Feedforward Networks (Belcak & Wattenhofer, 2023, arXiv:2308.14711), and dense baselines.
 
-An FFF of depth d is a balanced binary tree: 2^d - 1 node networks that each decide "left or right" and
-2^d leaves that are small feed-forward networks. Training mixes all leaves, weighted by the probability of
-the path to each (soft); inference walks one path and runs one leaf (hard), so its cost grows with d, not
-with the 2^d leaves. Nodes are stored in heap order: node i has children 2i+1 (left) and 2i+2 (right),
-the nodes of level k are 2^k - 1 ... 2^(k+1) - 2, and leaf j is reached from heap index 2^d - 1 + j.
+An FFF of depth d is a balanced binary tree: 2^d - 1 node networks that each decide "left or right"
+and 2^d leaves that are small feed-forward networks. Training mixes all leaves, weighted by the
+probability of the path to each (soft); inference walks one path and runs one leaf (hard), so its
+cost grows with d, not with the 2^d leaves. Nodes are stored in heap order: node i has children
+2i+1 (left) and 2i+2 (right), the nodes of level k are 2^k - 1 ... 2^(k+1) - 2, and leaf j is
+reached from heap index 2^d - 1 + j.
 """
 import torch
 import torch.nn as nn
@@ -12,16 +13,17 @@ import torch.nn.functional as F
 
 
 def bernoulli_entropy(logits):
-    """H(c) = -c log c - (1 - c) log(1 - c) for c = sigmoid(logits), computed stably from the logits."""
+    """H(c) = -c log c - (1 - c) log(1 - c) for c = sigmoid(logits), computed stably from logits."""
     c = torch.sigmoid(logits)
     return c * F.softplus(-logits) + (1 - c) * F.softplus(logits)
 
 
 class FFF(nn.Module):
-    """input -> FFF -> output. Nodes: input -> node_width (ReLU) -> 1 logit; leaves: input -> leaf_width (ReLU) -> output.
+    """input -> FFF -> output. Nodes: input -> node_width (ReLU) -> 1 logit; leaves: input ->
+    leaf_width (ReLU) -> output.
 
-    The parameters of all nodes (and of all leaves) live in stacked tensors, so that training evaluates them
-    with one matmul and inference gathers just the ones on each sample's path.
+    The parameters of all nodes (and of all leaves) live in stacked tensors, so that training
+    evaluates them with one matmul and inference gathers just the ones on each sample's path.
     """
 
     def __init__(self, input_width, output_width, depth=3, leaf_width=32, node_width=32):
@@ -33,7 +35,7 @@ class FFF(nn.Module):
         self.depth = depth
         self.num_nodes, self.num_leaves = 2**depth - 1, 2**depth
 
-        def stacked(count, fan_in, fan_out):  # count independent nn.Linear(fan_in, fan_out) initialisations
+        def stacked(count, fan_in, fan_out):  # `count` independent nn.Linear(fan_in, fan_out) inits
             bound = fan_in**-0.5
             weight = nn.Parameter(torch.empty(count, fan_in, fan_out).uniform_(-bound, bound))
             bias = nn.Parameter(torch.empty(count, fan_out).uniform_(-bound, bound))
@@ -45,56 +47,62 @@ class FFF(nn.Module):
         self.leaf_w2, self.leaf_b2 = stacked(self.num_leaves, leaf_width, output_width)
 
     def node_logits(self, x):
-        """Every node's decision logit for every sample: c_n(x) = sigmoid(logit) is P(go right at n)."""
-        h = F.relu(torch.einsum("bi,nih->bnh", x, self.node_w1) + self.node_b1)  # (B, nodes, node_width)
-        return torch.einsum("bnh,nho->bno", h, self.node_w2).squeeze(-1) + self.node_b2.squeeze(-1)  # (B, nodes)
+        """Every node's decision logit for every sample; c_n(x) = sigmoid(logit) = P(right at n)."""
+        h = F.relu(torch.einsum("bi,nih->bnh", x, self.node_w1) + self.node_b1)  # (B, nodes, width)
+        logits = torch.einsum("bnh,nho->bno", h, self.node_w2).squeeze(-1)  # (B, nodes)
+        return logits + self.node_b2.squeeze(-1)
 
     def mixture(self, logits):
-        """Path probabilities of all leaves: the product of the decisions on the way down. Sums to 1 per sample."""
+        """Path probabilities of all leaves: products of the decisions on the way down (sum 1)."""
         c = torch.sigmoid(logits)  # (B, nodes)
         path = torch.ones_like(c[:, :1])  # (B, 1): the root is reached with probability 1
-        for level in range(self.depth):
-            c_level = c[:, 2**level - 1 : 2 ** (level + 1) - 1]  # (B, 2^level)
-            path = torch.stack([path * (1 - c_level), path * c_level], dim=-1).flatten(1)  # (B, 2^(level+1))
+        for k in range(self.depth):  # level k: nodes 2^k - 1 ... 2^(k+1) - 2
+            c_k = c[:, 2**k - 1 : 2 ** (k + 1) - 1]  # (B, 2^k)
+            path = torch.stack([path * (1 - c_k), path * c_k], dim=-1).flatten(1)  # (B, 2^(k+1))
         return path  # (B, leaves)
 
     def leaf_outputs(self, x):
-        h = F.relu(torch.einsum("bi,lih->blh", x, self.leaf_w1) + self.leaf_b1)  # (B, leaves, leaf_width)
+        h = F.relu(torch.einsum("bi,lih->blh", x, self.leaf_w1) + self.leaf_b1)  # (B, leaves, hid)
         return torch.einsum("blh,lho->blo", h, self.leaf_w2) + self.leaf_b2  # (B, leaves, output)
 
     def forward(self, x, transposition_prob=0.0):
-        """Soft (training) forward: sum over leaves of P(path to leaf | x) * leaf(x). Returns (output, node logits).
+        """Soft (training) forward: sum over leaves of P(path to leaf | x) * leaf(x).
+        Returns (output, node logits).
 
-        transposition_prob > 0 swaps each node's children for each sample with that probability: the paper's
-        randomised child transpositions against overfragmentation (only while training).
+        transposition_prob > 0 swaps each node's children for each sample with that probability: the
+        paper's randomised child transpositions against overfragmentation (only while training).
         """
         logits = self.node_logits(x)  # (B, nodes)
         if transposition_prob > 0:
             flip = torch.rand_like(logits) < transposition_prob
-            logits = torch.where(flip, -logits, logits)  # sigmoid(-z) = 1 - sigmoid(z): left and right swap
+            logits = torch.where(flip, -logits, logits)  # sigmoid(-z) = 1 - sigmoid(z): l <-> r
         weights = self.mixture(logits)  # (B, leaves)
         y = torch.einsum("bl,blo->bo", weights, self.leaf_outputs(x))  # (B, output)
         return y, logits
 
     def leaf_index(self, x):
-        """Hard descent: d node evaluations per sample, each with only that node's gathered weights."""
-        node = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # (B,) heap index, root first
+        """Hard descent: d node evaluations per sample, each with only that node's own weights."""
+        node = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # (B,) heap index, root 0
         for _ in range(self.depth):
-            h = F.relu(torch.bmm(x.unsqueeze(1), self.node_w1[node]).squeeze(1) + self.node_b1[node])  # (B, node_width)
-            logit = torch.bmm(h.unsqueeze(1), self.node_w2[node]).squeeze(1).squeeze(1) + self.node_b2[node, 0]  # (B,)
+            w1, b1 = self.node_w1[node], self.node_b1[node]  # gathered: (B, in, node_width), (B, .)
+            h = F.relu(torch.bmm(x.unsqueeze(1), w1).squeeze(1) + b1)  # (B, node_width)
+            logit = torch.bmm(h.unsqueeze(1), self.node_w2[node]).view(-1) + self.node_b2[node, 0]
             node = 2 * node + 1 + (logit > 0).long()  # right when c = sigmoid(logit) > 1/2
         return node - self.num_nodes  # (B,) leaf index in 0 .. 2^d - 1
 
     @torch.no_grad()
     def forward_hard(self, x):
-        """Hard (inference) forward: run only the leaf at the end of each sample's path. Cost O(d), not O(2^d)."""
+        """Hard (inference) forward: run only the leaf at the end of each sample's path: O(d), not
+        O(2^d)."""
         leaf = self.leaf_index(x)  # (B,)
-        h = F.relu(torch.bmm(x.unsqueeze(1), self.leaf_w1[leaf]).squeeze(1) + self.leaf_b1[leaf])  # (B, leaf_width)
-        return torch.bmm(h.unsqueeze(1), self.leaf_w2[leaf]).squeeze(1) + self.leaf_b2[leaf]  # (B, output)
+        w1, b1 = self.leaf_w1[leaf], self.leaf_b1[leaf]  # gathered: (B, in, leaf_width), (B, .)
+        h = F.relu(torch.bmm(x.unsqueeze(1), w1).squeeze(1) + b1)  # (B, leaf_width)
+        return torch.bmm(h.unsqueeze(1), self.leaf_w2[leaf]).squeeze(1) + self.leaf_b2[leaf]
 
 
 def hardening_loss(logits):
-    """The paper's hardening penalty: the batch-mean entropy of each node's decision, summed over the nodes."""
+    """The paper's hardening penalty: the batch-mean entropy of each node's decision, summed over
+    the nodes."""
     return bernoulli_entropy(logits).mean(dim=0).sum()
 
 

@@ -1,44 +1,58 @@
-"""Use a trained FFF: test accuracy (soft vs hard), where the samples go in the tree, and inference speed.
+"""Use a trained FFF: test accuracy (soft vs hard), where samples go in the tree, inference speed.
 
-    python fff/sample.py --eval                        # soft and hard test accuracy of runs/fff/ckpt.pt
-    python fff/sample.py --leaves                      # images/fff_leaves.png: test samples per leaf and class
-    python fff/sample.py --benchmark                   # FFF hard inference vs the two dense baselines (no checkpoint)
-    python fff/sample.py --benchmark --node-width 1 --compile   # single-neuron nodes, every network compiled
+    python fff/sample.py --eval                      # soft and hard test accuracy, runs/fff/ckpt.pt
+    python fff/sample.py --leaves                    # runs/fff/fff_leaves.png: samples per leaf
+    python fff/sample.py --leaves --out-dir images   # the README's picture, images/fff_leaves.png
+    python fff/sample.py --benchmark                 # FFF hard inference vs the two dense baselines
+    python fff/sample.py --benchmark --node-width 1 --compile   # single-neuron nodes, compiled
 """
-import argparse
 import os
+import sys
 import time
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Literal
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-import torch
+import matplotlib.pyplot as plt  # noqa: E402 (after the backend is set)
+import torch  # noqa: E402
 
 from model import FF, FFF
-from train import build_model, evaluate, get_device, load_checkpoint, load_split
+from plumbing import (
+    config_from_checkpoint,
+    load_checkpoint,
+    make_out_dir,
+    parse_config,
+    pick_device,
+    require,
+)
+from train import Config as TrainConfig
+from train import build_model, evaluate, load_split
 
-IMAGES = Path(__file__).resolve().parent.parent / "images"
 
+@dataclass
+class Config:
+    """Use a trained FFF: soft and hard test accuracy, samples per leaf, hard-inference speed."""
+    checkpoint: str = "runs/fff/ckpt.pt"  # checkpoint written by train.py (--eval, --leaves)
+    eval: bool = False  # print soft and hard test accuracy
+    leaves: bool = False  # plot how test samples spread over the leaves (OUT_DIR/fff_leaves.png)
+    benchmark: bool = False  # time hard inference against the dense baselines (needs no checkpoint)
+    depths: tuple[int, ...] = (3, 6, 9)  # tree depths for --benchmark
+    leaf_width: int = 32  # leaf width for --benchmark
+    node_width: int = 32  # node width for --benchmark
+    batch_sizes: tuple[int, ...] = (1, 256)  # batch sizes for --benchmark
+    compile: bool = False  # --benchmark compiles every network (fuses the FFF's gathers, small ops)
+    out_dir: str = "runs/fff"  # where --leaves writes fff_leaves.png (images: the README's picture)
+    data_dir: str = os.environ.get("DATA_DIR", "data")  # datasets are here ($DATA_DIR, else ./data)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # where to evaluate
+    seed: int = 0  # seed for the benchmark's random weights and inputs
 
-def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="runs/fff/ckpt.pt", help="checkpoint written by train.py")
-    p.add_argument("--eval", action="store_true", help="print soft and hard test accuracy")
-    p.add_argument("--leaves", action="store_true", help="plot how test samples spread over the leaves")
-    p.add_argument("--plot", default=str(IMAGES / "fff_leaves.png"), help="where --leaves writes its picture")
-    p.add_argument("--benchmark", action="store_true", help="time hard inference against the dense baselines")
-    p.add_argument("--depths", type=int, nargs="+", default=[3, 6, 9], help="tree depths for --benchmark")
-    p.add_argument("--leaf-width", type=int, default=32, help="leaf width for --benchmark")
-    p.add_argument("--node-width", type=int, default=32, help="node width for --benchmark")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256], help="batch sizes for --benchmark")
-    p.add_argument("--compile", action="store_true",
-                   help="--benchmark compiles every network with torch.compile (fuses the FFF's gathers and small ops)")
-    p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "data"), help="dataset root (default $DATA_DIR or ./data)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to evaluate")
-    p.add_argument("--seed", type=int, default=0, help="seed for the benchmark's random weights and inputs")
-    return p
+    def __post_init__(self):
+        require(self.eval or self.leaves or self.benchmark,
+                "nothing to do: pass --eval, --leaves and/or --benchmark")
+        require(min(self.depths + self.batch_sizes + (self.leaf_width, self.node_width)) >= 1,
+                "--depths, --batch-sizes, --leaf-width and --node-width must be positive")
 
 
 def time_call(fn, x, min_seconds=0.3):
@@ -56,27 +70,29 @@ def time_call(fn, x, min_seconds=0.3):
 
 
 @torch.inference_mode()
-def benchmark(args):
+def benchmark(cfg):
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     input_width, output_width = 28 * 28, 10
-    print(f"hard inference, input {input_width}, leaf width {args.leaf_width}, node width {args.node_width}, "
-          f"{'compiled' if args.compile else 'eager'}, {torch.get_num_threads()} CPU threads; times in ms per batch")
-    print(f"{'device':>6} {'depth':>5} {'batch':>5} {'FFF hard':>9} {'FF train-width':>15} {'FF leaf-width':>14} {'speed-up':>9}")
+    print(f"hard inference, input {input_width}, leaf width {cfg.leaf_width}, node width "
+          f"{cfg.node_width}, {'compiled' if cfg.compile else 'eager'}, {torch.get_num_threads()} "
+          f"CPU threads; times in ms per batch")
+    print(f"{'device':>6} {'depth':>5} {'batch':>5} {'FFF hard':>9} {'FF train-width':>15} "
+          f"{'FF leaf-width':>14} {'speed-up':>9}")
     for device in devices:
-        for depth in args.depths:
-            torch.manual_seed(args.seed)
-            fff = FFF(input_width, output_width, depth, args.leaf_width, args.node_width).to(device).eval()
-            wide = FF(input_width, output_width, 2**depth * args.leaf_width).to(device).eval()
-            narrow = FF(input_width, output_width, args.leaf_width).to(device).eval()
-            calls = [m.forward_hard for m in (fff, wide, narrow)]
-            if args.compile:
+        for depth in cfg.depths:
+            torch.manual_seed(cfg.seed)
+            fff = FFF(input_width, output_width, depth, cfg.leaf_width, cfg.node_width)
+            wide = FF(input_width, output_width, 2**depth * cfg.leaf_width)
+            narrow = FF(input_width, output_width, cfg.leaf_width)
+            calls = [m.to(device).eval().forward_hard for m in (fff, wide, narrow)]
+            if cfg.compile:
                 torch._dynamo.reset()  # fresh compile caches for each depth's three networks
                 calls = [torch.compile(call, dynamic=False) for call in calls]
-            for batch in args.batch_sizes:
+            for batch in cfg.batch_sizes:
                 x = torch.randn(batch, input_width, device=device)
                 t_fff, t_wide, t_narrow = (time_call(call, x) for call in calls)
-                print(f"{device.type:>6} {depth:>5} {batch:>5} {1e3 * t_fff:>9.3f} {1e3 * t_wide:>15.3f} "
-                      f"{1e3 * t_narrow:>14.3f} {t_wide / t_fff:>8.1f}x")
+                print(f"{device.type:>6} {depth:>5} {batch:>5} {1e3 * t_fff:>9.3f} "
+                      f"{1e3 * t_wide:>15.3f} {1e3 * t_narrow:>14.3f} {t_wide / t_fff:>8.1f}x")
 
 
 @torch.no_grad()
@@ -94,37 +110,31 @@ def plot_leaves(model, x, y, path):
     ax.set_title(f"Test samples per leaf of a depth-{model.depth} FFF")
     fig.colorbar(im, ax=ax, label="samples")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
+    plt.close(fig)
     print(f"wrote {path}")
 
 
 def main(argv=None):
-    parser = get_parser()
-    args = parser.parse_args(argv)
-    if not (args.eval or args.leaves or args.benchmark):
-        parser.error("nothing to do: pass --eval, --leaves and/or --benchmark")
-    if min(args.depths + args.batch_sizes + [args.leaf_width, args.node_width]) < 1:
-        parser.error("--depths, --batch-sizes, --leaf-width and --node-width must be positive")
-    if args.eval or args.leaves:
-        device = get_device(args.device)
-        checkpoint = load_checkpoint(args.checkpoint, device)
-        config = checkpoint["config"]
-        model = build_model(config).to(device)
-        model.load_state_dict(checkpoint["model"])
+    cfg = parse_config(Config, argv)
+    if cfg.eval or cfg.leaves:
+        device = pick_device(cfg.device)
+        ckpt = load_checkpoint(cfg.checkpoint, "fff", keys=["config", "model", "step"])
+        train_cfg = config_from_checkpoint(TrainConfig, ckpt, cfg.checkpoint)
+        if cfg.leaves and train_cfg.model != "fff":
+            sys.exit("error: --leaves needs an FFF checkpoint (this one is a dense baseline)")
+        model = build_model(train_cfg).to(device)
+        model.load_state_dict(ckpt["model"])
         model.eval()
-        x, y = load_split(config["dataset"], args.data_dir, train=False)
-        x, y = x.to(device), y.to(device)
-        if args.eval:
+        x, y = load_split(train_cfg.dataset, cfg.data_dir, train=False, device=device)
+        if cfg.eval:
             soft, hard = evaluate(model, x, y)
-            print(f"{config['dataset']} test accuracy: soft {100 * soft:.2f}%, hard {100 * hard:.2f}% "
-                  f"({config['model']}, epoch {checkpoint['epoch']})")
-        if args.leaves:
-            if config["model"] != "fff":
-                parser.error("--leaves needs an FFF checkpoint")
-            plot_leaves(model, x, y, args.plot)
-    if args.benchmark:
-        benchmark(args)
+            print(f"{train_cfg.dataset} test accuracy: soft {100 * soft:.2f}%, hard "
+                  f"{100 * hard:.2f}% ({train_cfg.model}, step {ckpt['step']})")
+        if cfg.leaves:
+            plot_leaves(model, x, y, make_out_dir(cfg.out_dir) / "fff_leaves.png")
+    if cfg.benchmark:
+        benchmark(cfg)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""Checks of the paper's claims about FFFs against brute-force references. Run: python -m pytest (in fff/)."""
+"""Checks of the paper's claims about FFFs against brute-force references.
+
+Run: python -m pytest (in fff/)."""
 import os
 import struct
 import subprocess
@@ -22,7 +24,7 @@ def random_fff(depth=3, seed=0, input_width=12, output_width=5):
 
 
 def brute_force_leaf(fff, x):
-    """Walk the tree one sample at a time with plain nn.functional calls on each node's own weights."""
+    """Walk the tree one sample at a time, with plain matmuls on each node's own weights."""
     node = 0
     for _ in range(fff.depth):
         h = F.relu(x @ fff.node_w1[node] + fff.node_b1[node])
@@ -55,7 +57,7 @@ def test_mixture_weights_sum_to_one_and_match_path_products():
     weights = fff.mixture(logits)
     torch.testing.assert_close(weights.sum(-1), torch.ones(16))
     c = torch.sigmoid(logits)
-    for leaf in [0, 5, 15]:  # product of (1 - c) for left turns and c for right turns along the heap path
+    for leaf in [0, 5, 15]:  # product of (1 - c) for left turns, c for right turns along the path
         node, expected = leaf + fff.num_nodes, torch.ones(16)
         while node > 0:
             parent = (node - 1) // 2
@@ -66,7 +68,7 @@ def test_mixture_weights_sum_to_one_and_match_path_products():
 
 def test_saturated_decisions_make_soft_equal_hard():
     fff = random_fff()
-    with torch.no_grad():  # scale each node's output layer so its logit is far from 0: sigmoid becomes exactly 0 or 1
+    with torch.no_grad():  # logits far from 0: sigmoid becomes exactly 0 or 1
         fff.node_w2.mul_(1e6)
         fff.node_b2.mul_(1e6)
     x = torch.randn(32, 12)
@@ -80,15 +82,16 @@ def test_hardening_loss_matches_hand_computed_entropy():
     entropy = -p * np.log(p) - (1 - p) * np.log(1 - p)  # (B, nodes)
     expected = entropy.mean(axis=0).sum()
     assert model.hardening_loss(logits).item() == pytest.approx(expected, rel=1e-6)
-    assert model.hardening_loss(torch.full((4, 3), 50.0)).item() == pytest.approx(0.0, abs=1e-12)  # decided nodes
-    assert model.hardening_loss(torch.zeros(4, 3)).item() == pytest.approx(3 * np.log(2))  # undecided nodes
+    decided, undecided = torch.full((4, 3), 50.0), torch.zeros(4, 3)
+    assert model.hardening_loss(decided).item() == pytest.approx(0.0, abs=1e-12)
+    assert model.hardening_loss(undecided).item() == pytest.approx(3 * np.log(2))
 
 
 def test_child_transposition_swaps_the_mixture():
     fff = random_fff(depth=1)
     x = torch.randn(8, 12)
     straight, _ = fff(x)
-    swapped, _ = fff(x, transposition_prob=1.0 - 1e-9)  # every node flipped: left and right leaves trade places
+    swapped, _ = fff(x, transposition_prob=1.0 - 1e-9)  # every node flipped: leaves trade places
     c = torch.sigmoid(fff.node_logits(x))[:, :1]
     leaves = fff.leaf_outputs(x)
     torch.testing.assert_close(straight, (1 - c) * leaves[:, 0] + c * leaves[:, 1])
@@ -98,13 +101,14 @@ def test_child_transposition_swaps_the_mixture():
 def test_tiny_fff_learns_a_toy_task_and_its_hard_path_too():
     torch.manual_seed(0)
     x = torch.randn(512, 2)
-    y = ((x[:, 0] > 0) ^ (x[:, 1] > 0)).long()  # XOR of quadrants: needs more than one linear region
+    y = ((x[:, 0] > 0) ^ (x[:, 1] > 0)).long()  # XOR of quadrants: more than one linear region
     fff = model.FFF(2, 2, depth=2, leaf_width=8, node_width=8)
     optimizer = torch.optim.Adam(fff.parameters(), lr=0.02)
     first = None
     for step in range(300):
         logits, node_logits = fff(x)
-        loss = F.cross_entropy(logits, y) + (0.1 if step > 150 else 0.0) * model.hardening_loss(node_logits)
+        h = 0.1 if step > 150 else 0.0
+        loss = F.cross_entropy(logits, y) + h * model.hardening_loss(node_logits)
         first = first if first is not None else loss.item()
         optimizer.zero_grad()
         loss.backward()
@@ -121,7 +125,7 @@ def test_invalid_sizes_raise():
 
 
 def write_fake_mnist(root, n_train=256, n_test=128, seed=0):
-    """A learnable stand-in for MNIST in torchvision's raw idx layout: class k lights up row band k."""
+    """A learnable stand-in for MNIST in torchvision's raw idx layout: class k lights row band k."""
     rng = np.random.default_rng(seed)
     raw = os.path.join(root, "MNIST", "raw")
     os.makedirs(raw)
@@ -141,55 +145,92 @@ def trained_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("fff")
     write_fake_mnist(root / "data")
     out = root / "run"
-    args = ["--data-dir", str(root / "data"), "--out-dir", str(out), "--epochs", "2", "--batch-size", "32",
-            "--device", "cpu", "--lr", "3e-3"]
+    args = ["--data-dir", str(root / "data"), "--out-dir", str(out), "--epochs", "2",
+            "--batch-size", "32", "--device", "cpu", "--lr", "3e-3"]
     train.main(args)
     return root, out, args
 
 
+def metrics(out):
+    lines = (out / "metrics.csv").read_text().splitlines()
+    return [dict(zip(lines[0].split(","), line.split(","))) for line in lines[1:]]
+
+
 def test_training_learns_and_checkpoint_reports_the_same_accuracy(trained_run, capsys):
     root, out, _ = trained_run
-    lines = (out / "metrics.csv").read_text().splitlines()
-    last = dict(zip(lines[0].split(","), lines[-1].split(",")))
+    rows = metrics(out)
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    assert rows[0]["test_soft_acc"] == "", "the test set is evaluated once, after the last epoch"
+    last = rows[-1]
     assert float(last["test_soft_acc"]) > 0.6  # chance is 0.1
-    sample.main(["--checkpoint", str(out / "ckpt.pt"), "--data-dir", str(root / "data"), "--eval", "--device", "cpu"])
+    sample.main(["--checkpoint", str(out / "ckpt.pt"), "--data-dir", str(root / "data"), "--eval",
+                 "--device", "cpu"])
     printed = capsys.readouterr().out
     assert f"soft {100 * float(last['test_soft_acc']):.2f}%" in printed
     assert f"hard {100 * float(last['test_hard_acc']):.2f}%" in printed
 
 
+class StopAfter(train.Clock):
+    """A Clock that is interrupted (as by Ctrl-C) after `checks` calls of done()."""
+
+    checks = 0
+
+    def done(self):
+        StopAfter.checks -= 1
+        self.interrupted = self.interrupted or StopAfter.checks < 0
+        return super().done()
+
+
+class Anything:
+    def __eq__(self, other):
+        return True
+
+
+ANY = Anything()
+
+
 def test_resume_continues_exactly_like_an_uninterrupted_run(trained_run, tmp_path, monkeypatch):
     root, out, args = trained_run
-    save = train.save_checkpoint
-
-    def save_every_epoch(path, checkpoint):  # keep each epoch's checkpoint, as if the run had been stopped there
-        save(path, checkpoint)
-        save(path.replace("ckpt.pt", f"epoch{checkpoint['epoch']}.pt"), checkpoint)
-
-    monkeypatch.setattr(train, "save_checkpoint", save_every_epoch)
-    train.main([a if a != str(out) else str(tmp_path / "a") for a in args])
     uninterrupted = torch.load(out / "ckpt.pt", weights_only=True)
+    train.main([a if a != str(out) else str(tmp_path / "a") for a in args])
     again = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
-    train.main(["--resume", str(tmp_path / "a" / "epoch1.pt"), "--epochs", "2", "--out-dir", str(tmp_path / "b"),
-                "--data-dir", str(root / "data"), "--device", "cpu"])
+    monkeypatch.setattr(train, "Clock", StopAfter)
+    StopAfter.checks = 11  # 8 steps per epoch: stop in the middle of the second epoch
+    train.main([a if a != str(out) else str(tmp_path / "b") for a in args])
+    stopped = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    assert stopped["step"] == 11
+    StopAfter.checks = 10**9
+    train.main(["--resume", str(tmp_path / "b" / "ckpt.pt"), "--data-dir", str(root / "data"),
+                "--epochs", "2", "--device", "cpu", "--out-dir", str(tmp_path / "b")])
     resumed = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    assert resumed["step"] == uninterrupted["step"] == 16
     for name, tensor in uninterrupted["model"].items():
         assert torch.equal(tensor, again["model"][name]), f"same seed, different run: {name}"
         assert torch.equal(tensor, resumed["model"][name]), f"resumed run differs: {name}"
+    assert metrics(tmp_path / "b") == [dict(row, seconds=ANY) for row in metrics(out)]
+
+
+def test_max_minutes_stops_with_a_resumable_checkpoint(trained_run, tmp_path, capsys):
+    root, _, args = trained_run
+    train.main([*args, "--out-dir", str(tmp_path), "--epochs", "50", "--max-minutes", "0.002"])
+    stopped = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert stopped["step"] < 50 * 8 and stopped["seconds"] >= 0.12
+    assert "go on with --resume" in capsys.readouterr().out
 
 
 def test_leaves_plot_and_benchmark_run(trained_run, tmp_path, capsys):
     root, out, _ = trained_run
-    picture = tmp_path / "leaves.png"
-    sample.main(["--checkpoint", str(out / "ckpt.pt"), "--data-dir", str(root / "data"), "--leaves",
-                 "--plot", str(picture), "--device", "cpu"])
-    assert picture.stat().st_size > 1000
+    sample.main(["--checkpoint", str(out / "ckpt.pt"), "--data-dir", str(root / "data"),
+                 "--leaves", "--out-dir", str(tmp_path), "--device", "cpu"])
+    assert (tmp_path / "fff_leaves.png").stat().st_size > 1000
     sample.main(["--benchmark", "--depths", "2", "--batch-sizes", "1", "4"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("cpu")]
     assert len(rows) == 2
-    sample.main(["--benchmark", "--compile", "--depths", "2", "--batch-sizes", "1", "--node-width", "1"])
-    out = capsys.readouterr().out
-    assert "compiled" in out and len([line for line in out.splitlines() if line.strip().startswith("cpu")]) == 1
+    sample.main(["--benchmark", "--compile", "--depths", "2", "--batch-sizes", "1",
+                 "--node-width", "1"])
+    printed = capsys.readouterr().out.splitlines()
+    assert "compiled" in printed[0]
+    assert len([row for row in printed if row.strip().startswith("cpu")]) == 1
 
 
 def run_script(*args, cwd=HERE):
@@ -199,25 +240,59 @@ def run_script(*args, cwd=HERE):
 
 def test_bad_inputs_give_one_line_errors(tmp_path):
     empty = tmp_path / "nothing_here"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
     for args, message in [
         (["train.py", "--depth", "0"], "--depth must be at least 1"),
-        (["train.py", "--leaf-width", "-4"], "--leaf-width must be positive"),
-        (["train.py", "--data-dir", str(empty), "--out-dir", str(tmp_path / "run")], "could not be downloaded"),
-        (["sample.py", "--eval", "--checkpoint", str(tmp_path / "missing.pt")], "checkpoint not found"),
+        (["train.py", "--leaf-width", "-4"], "--leaf-width cannot be negative"),
+        (["train.py", "--data-dir", str(empty), "--out-dir", str(tmp_path / "run")],
+         "could not be downloaded"),
+        (["sample.py", "--eval", "--checkpoint", str(tmp_path / "missing.pt")], "not found"),
+        (["sample.py"], "nothing to do"),
     ]:
         result = run_script(*args)
         assert result.returncode != 0
         assert "Traceback" not in result.stderr
         assert message in result.stderr.strip().splitlines()[-1]
-    assert not empty.exists() and not (tmp_path / "run").exists(), "a failed run must leave nothing behind"
+    assert not empty.exists() and not (tmp_path / "run").exists(), "a failed run leaves nothing"
 
 
-def test_corrupt_and_foreign_checkpoints_are_refused(tmp_path):
+@pytest.mark.parametrize("lr", ["nan", "inf", "-1", "0"])
+def test_bad_learning_rates_stop_before_training(lr, capsys):
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--lr", lr])
+    assert stop.value.code == 2
+    assert "--lr" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_out_dir_that_is_a_file_is_refused(trained_run, tmp_path):
+    root, _, args = trained_run
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        train.main([*args, "--out-dir", str(a_file)])
+
+
+class Payload:
+    """Not plain data: a weights-only load must refuse it (a pickle could run code through it)."""
+
+
+def bad_checkpoints(tmp_path):
     truncated = tmp_path / "truncated.pt"
     torch.save({"folder": "fff", "model": {"w": torch.zeros(1000)}}, truncated)
     truncated.write_bytes(truncated.read_bytes()[:100])
-    foreign = tmp_path / "foreign.pt"
+    foreign, no_model, unsafe = tmp_path / "foreign.pt", tmp_path / "no_model.pt", tmp_path / "x.pt"
     torch.save({"folder": "gpt"}, foreign)
-    for path, message in [(truncated, "not a readable checkpoint"), (foreign, "not written by fff")]:
+    torch.save({"folder": "fff", "config": {}, "step": 0}, no_model)
+    torch.save({"folder": "fff", "model": Payload()}, unsafe)
+    return [(truncated, "truncated or corrupt"), (foreign, "not written by fff"),
+            (no_model, "lacks the key.*'model'"), (unsafe, "objects that are not allowed to load"),
+            (tmp_path, "is a folder")]
+
+
+def test_bad_checkpoints_are_refused_in_one_line(tmp_path):
+    for path, message in bad_checkpoints(tmp_path):
         with pytest.raises(SystemExit, match=message):
-            train.load_checkpoint(str(path))
+            sample.main(["--eval", "--checkpoint", str(path)])
+        with pytest.raises(SystemExit, match=message):
+            train.main(["--resume", str(path)])

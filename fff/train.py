@@ -1,127 +1,109 @@
 """Train a Fast Feedforward Network (or its dense baseline) on MNIST, FashionMNIST or CIFAR-10.
 
-    python fff/train.py                                  # FFF, depth 3, leaf and node width 32, MNIST
-    python fff/train.py --model ff                       # dense baseline of the same training width (8 x 32)
-    python fff/train.py --model ff --ff-width 32         # dense baseline of the same inference width
+    python fff/train.py                            # FFF, depth 3, leaf and node width 32, MNIST
+    python fff/train.py --model ff                 # dense baseline of the training width (8 x 32)
+    python fff/train.py --model ff --ff-width 32   # dense baseline of the inference width
+
+Nothing is selected during training: the checkpoint is the last step's, and the test set is
+evaluated once, when the last epoch ends.
 """
-import argparse
-import contextlib
-import csv
-import io
 import math
 import os
-import random
-import shutil
-import sys
-import time
+from dataclasses import dataclass
+from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from tqdm import tqdm
 
 from model import FF, FFF, hardening_loss
-
-DATASETS = {  # name: (torchvision class, input width, mean, std)
-    "mnist": (torchvision.datasets.MNIST, 28 * 28, 0.1307, 0.3081),
-    "fashion_mnist": (torchvision.datasets.FashionMNIST, 28 * 28, 0.2860, 0.3530),
-    "cifar10": (torchvision.datasets.CIFAR10, 32 * 32 * 3, 0.4734, 0.2516),
-}
-
-
-def get_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="mnist", choices=sorted(DATASETS), help="torchvision dataset to classify")
-    p.add_argument("--model", default="fff", choices=["fff", "ff"], help="fast feedforward network or dense baseline")
-    p.add_argument("--depth", type=int, default=3, help="FFF tree depth d: 2^d leaves, 2^d - 1 nodes")
-    p.add_argument("--leaf-width", type=int, default=32, help="hidden width of each FFF leaf")
-    p.add_argument("--node-width", type=int, default=32, help="hidden width of each FFF node network")
-    p.add_argument("--ff-width", type=int, default=None,
-                   help="hidden width of the dense baseline (default: the FFF's training width 2^depth * leaf-width)")
-    p.add_argument("--hardening", type=float, default=1.0, help="scale h of the hardening (node entropy) loss")
-    p.add_argument("--harden-from", type=float, default=0.2,
-                   help="fraction of training after which the hardening loss is switched on (its schedule)")
-    p.add_argument("--transposition-prob", type=float, default=0.0,
-                   help="probability of swapping a node's children while training (against overfragmentation)")
-    p.add_argument("--epochs", type=int, default=10, help="passes over the training set")
-    p.add_argument("--batch-size", type=int, default=256, help="training batch size")
-    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (cosine-decayed to 0)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="where to train")
-    p.add_argument("--seed", type=int, default=0, help="seed for Python, NumPy and torch")
-    p.add_argument("--data-dir", default=os.environ.get("DATA_DIR", "data"), help="dataset root (default $DATA_DIR or ./data)")
-    p.add_argument("--out-dir", default="runs/fff", help="where to write the checkpoint and metrics.csv")
-    p.add_argument("--resume", default=None, help="continue from this checkpoint")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
-    return p
+from plumbing import (
+    IMAGE_DATASETS,
+    Clock,
+    MetricsLog,
+    config_dict,
+    config_from_checkpoint,
+    load_checkpoint,
+    load_image_dataset,
+    make_out_dir,
+    normalize,
+    parse_config,
+    require,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    setup,
+    teardown,
+)
 
 
-def check_args(parser, args):
-    if args.depth < 1:
-        parser.error(f"--depth must be at least 1 (got {args.depth})")
-    for flag in ["leaf_width", "node_width", "epochs", "batch_size"]:
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be positive (got {getattr(args, flag)})")
-    if args.ff_width is not None and args.ff_width < 1:
-        parser.error(f"--ff-width must be positive (got {args.ff_width})")
-    if args.lr <= 0 or args.hardening < 0 or not 0 <= args.harden_from <= 1 or not 0 <= args.transposition_prob < 0.5:
-        parser.error("need --lr > 0, --hardening >= 0, 0 <= --harden-from <= 1, 0 <= --transposition-prob < 0.5")
+@dataclass
+class Config:
+    """Train a Fast Feedforward Network (or a dense baseline) on MNIST, FashionMNIST or CIFAR-10."""
+    # data
+    dataset: Literal["mnist", "fashion_mnist", "cifar10"] = "mnist"  # torchvision dataset
+    data_dir: str = os.environ.get("DATA_DIR", "data")  # datasets are here ($DATA_DIR, else ./data)
+    out_dir: str = "runs/fff"  # ckpt.pt and metrics.csv go here
+    # model
+    model: Literal["fff", "ff"] = "fff"  # fast feedforward network or dense baseline
+    depth: int = 3  # FFF tree depth d: 2^d leaves, 2^d - 1 nodes
+    leaf_width: int = 32  # hidden width of each FFF leaf
+    node_width: int = 32  # hidden width of each FFF node network
+    ff_width: int | None = None  # dense baseline's hidden width (None: 2^depth * leaf-width)
+    # the paper's training tricks
+    hardening: float = 1.0  # scale h of the hardening (node entropy) loss
+    harden_from: float = 0.2  # fraction of the epochs after which the hardening loss is switched on
+    transposition_prob: float = 0.0  # chance of swapping a node's children while training
+    # optimisation
+    epochs: int = 10  # passes over the training set
+    batch_size: int = 256  # training batch size
+    lr: float = 3e-3  # peak Adam learning rate, cosine-decayed to 0
+    # run
+    max_minutes: float = 0.0  # limit; counts evaluation and the time before a --resume (0: off)
+    resume: str | None = None  # continue from this checkpoint exactly where it stopped
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: cuda, then mps, then cpu
+    threads: int = 0  # CPU threads for torch (0: torch's default)
+    seed: int = 0  # seeds Python, NumPy and torch
+    compile: bool = False  # torch.compile the model
+    wandb: bool = False  # also log to Weights & Biases (WANDB_MODE=offline works)
+
+    def __post_init__(self):
+        require(self.depth >= 1, f"--depth must be at least 1 (got {self.depth})")
+        for name in ["leaf_width", "node_width", "ff_width", "epochs", "batch_size"]:
+            value = getattr(self, name)
+            require(value is None or value >= 1,
+                    f"--{name.replace('_', '-')} must be positive (got {value})")
+        require(self.lr > 0, "--lr must be positive")
+        require(self.harden_from <= 1, "--harden-from is a fraction of training, at most 1")
+        require(self.transposition_prob < 0.5, "--transposition-prob must be below 0.5")
 
 
-def get_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(name)
+RESUMABLE = ["epochs", "max_minutes", "device", "threads", "data_dir", "out_dir", "resume"]
+COLUMNS = ["epoch", "step", "seconds", "train_loss", "hardening_loss", "h", "test_soft_acc",
+           "test_hard_acc"]
 
 
-def load_split(name, data_dir, train):
-    """(images flattened and normalised, labels) as tensors; downloads when the files are absent and we are online."""
-    cls, _, mean, std = DATASETS[name]
-    created = not os.path.exists(data_dir)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            ds = cls(data_dir, train=train, download=True)
-    except Exception as e:  # offline and absent: torchvision raises from deep inside urllib
-        if created:
-            shutil.rmtree(data_dir, ignore_errors=True)
-        sys.exit(f"error: {cls.__name__} is not in {os.path.abspath(data_dir)} and could not be downloaded "
-                 f"({type(e).__name__}); put the files there in torchvision's layout or pass --data-dir / set DATA_DIR")
-    x = torch.as_tensor(ds.data).float().div(255).flatten(1)  # (N, input width)
-    return (x - mean) / std, torch.as_tensor(ds.targets)
+def load_split(name, data_dir, train, device="cpu"):
+    """(images flattened and normalised, labels): the FFF sees each image as one vector."""
+    images, labels, _ = load_image_dataset(name, data_dir, train)
+    return normalize(images, name).flatten(1).to(device), labels.to(device)  # (N, C*H*W), (N,)
 
 
-def build_model(config):
-    _, input_width, _, _ = DATASETS[config["dataset"]]
-    if config["model"] == "fff":
-        return FFF(input_width, 10, config["depth"], config["leaf_width"], config["node_width"])
-    return FF(input_width, 10, config["ff_width"] or 2 ** config["depth"] * config["leaf_width"])
+def build_model(cfg):
+    _, size, channels, _, _ = IMAGE_DATASETS[cfg.dataset]
+    if cfg.model == "fff":
+        return FFF(channels * size * size, 10, cfg.depth, cfg.leaf_width, cfg.node_width)
+    return FF(channels * size * size, 10, cfg.ff_width or 2**cfg.depth * cfg.leaf_width)
 
 
-def save_checkpoint(path, checkpoint):
-    torch.save(checkpoint, path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written checkpoint
-
-
-def load_checkpoint(path, device="cpu"):
-    if not os.path.isfile(path):
-        sys.exit(f"error: checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        sys.exit(f"error: {path} is not a readable checkpoint (truncated or corrupt?): {type(e).__name__}")
-    if not isinstance(checkpoint, dict) or checkpoint.get("folder") != "fff":
-        sys.exit(f"error: {path} was not written by fff/train.py")
-    return checkpoint
+def cosine(progress):
+    """Learning-rate factor: 1 at the start, cosine-decayed to 0 at the end of training."""
+    return 0.5 * (1 + math.cos(math.pi * min(progress, 1)))
 
 
 @torch.no_grad()
 def evaluate(model, x, y, batch_size=1024):
-    """(soft accuracy, hard accuracy): the training-mode mixture vs the single-leaf inference path."""
+    """(soft accuracy, hard accuracy): the training-time mixture vs the single-leaf path."""
     model.eval()
     soft = hard = 0
     for i in range(0, len(x), batch_size):
@@ -132,80 +114,83 @@ def evaluate(model, x, y, batch_size=1024):
     return soft / len(x), hard / len(x)
 
 
+def save(path, cfg, model, optimizer, step, perm, clock, metrics):
+    save_checkpoint(path, {
+        "folder": "fff", "config": config_dict(cfg), "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(), "step": step, "perm": perm.cpu(), "rng": rng_state(),
+        "seconds": clock.seconds, "metrics": metrics})
+
+
+def end_of_epoch(log, clock, model, test, epoch, step, loss, harden, h, final):
+    """One metrics row per epoch; the test set only after the last one."""
+    row = dict(epoch=epoch, step=step, train_loss=loss.item(), hardening_loss=harden.item(), h=h)
+    text = f"epoch {epoch}: loss {loss.item():.4f}, hardening {harden.item():.3f} (h={h})"
+    if final:
+        soft, hard = row["test_soft_acc"], row["test_hard_acc"] = evaluate(model, *test)
+        text += f", test soft {100 * soft:.2f}%, hard {100 * hard:.2f}%"
+    row["seconds"] = round(clock.seconds, 1)
+    tqdm.write(text)
+    log.log(**row)
+    return row
+
+
 def main(argv=None):
-    parser = get_parser()
-    args = parser.parse_args(argv)
-    check_args(parser, args)
-    checkpoint = load_checkpoint(args.resume) if args.resume else None
-    config = checkpoint["config"] if checkpoint else vars(args)
-    if checkpoint:  # a resumed run keeps its own configuration; only where it runs and for how long may change
-        config = dict(config, epochs=args.epochs, device=args.device, data_dir=args.data_dir, out_dir=args.out_dir)
-    device = get_device(config["device"])
-    random.seed(config["seed"])
-    np.random.seed(config["seed"])
-    torch.manual_seed(config["seed"])
-
-    x_train, y_train = load_split(config["dataset"], config["data_dir"], train=True)
-    x_test, y_test = load_split(config["dataset"], config["data_dir"], train=False)
-    x_train, y_train, x_test, y_test = (t.to(device) for t in (x_train, y_train, x_test, y_test))
-
-    model = build_model(config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
-    steps_per_epoch = -(-len(x_train) // config["batch_size"])
-    total_steps = config["epochs"] * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / total_steps, 1))))
-    start_epoch = 0
-    if checkpoint:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        start_epoch = checkpoint["epoch"]
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-    forward = torch.compile(model) if config["compile"] else model
-
-    os.makedirs(config["out_dir"], exist_ok=True)
-    ckpt_path = os.path.join(config["out_dir"], "ckpt.pt")
-    csv_path = os.path.join(config["out_dir"], "metrics.csv")
-    if config["wandb"]:
-        import wandb
-
-        wandb.init(project="paper-implementations-fff", config=config)
-    print(f"{config['model']}: {sum(p.numel() for p in model.parameters()):,} parameters on {device}")
-
-    t0 = time.time()
-    for epoch in range(start_epoch, config["epochs"]):
-        h = config["hardening"] if config["model"] == "fff" and epoch >= config["harden_from"] * config["epochs"] else 0.0
-        perm = torch.randperm(len(x_train), device=device)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config['epochs']}", leave=False)
-        for i in bar:
-            idx = perm[i * config["batch_size"] : (i + 1) * config["batch_size"]]
-            logits, node_logits = forward(x_train[idx], transposition_prob=config["transposition_prob"])
-            loss = F.cross_entropy(logits, y_train[idx])  # L_pred
-            harden = hardening_loss(node_logits) if node_logits is not None else torch.zeros((), device=device)
-            optimizer.zero_grad(set_to_none=True)
-            (loss + h * harden).backward()  # L = L_pred + h * L_harden
-            optimizer.step()
-            scheduler.step()
-            if i % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", harden=f"{harden.item():.3f}")
-        soft_acc, hard_acc = evaluate(model, x_test, y_test)
-        row = {"epoch": epoch + 1, "seconds": round(time.time() - t0, 1), "train_loss": round(loss.item(), 4),
-               "hardening_loss": round(harden.item(), 4), "h": h, "test_soft_acc": soft_acc, "test_hard_acc": hard_acc}
-        print(f"epoch {epoch + 1}: loss {loss.item():.4f}, hardening {harden.item():.3f} (h={h}), "
-              f"test soft {100 * soft_acc:.2f}%, hard {100 * hard_acc:.2f}%")
-        with open(csv_path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if f.tell() == 0:
-                writer.writeheader()
-            writer.writerow(row)
-        if config["wandb"]:
-            wandb.log(row)
-        save_checkpoint(ckpt_path, {
-            "folder": "fff", "config": config, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
-            "rng": {"torch": torch.get_rng_state()}, "metrics": row,
-        })
-    print(f"saved {ckpt_path}")
+    cfg = parse_config(Config, argv)
+    keys = ["config", "model", "optimizer", "step", "perm", "rng", "seconds"]
+    ckpt = load_checkpoint(cfg.resume, "fff", keys=keys) if cfg.resume else None
+    if ckpt:  # a resumed run keeps its configuration but for where it runs and for how long
+        keep = {name: getattr(cfg, name) for name in RESUMABLE}
+        cfg = config_from_checkpoint(Config, ckpt, cfg.resume, **keep)
+    ddp, _, _, device = setup(cfg)
+    x_train, y_train = load_split(cfg.dataset, cfg.data_dir, True, device)
+    test = load_split(cfg.dataset, cfg.data_dir, False, device)
+    model = build_model(cfg).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    steps_per_epoch = -(-len(x_train) // cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    step, perm, row = 0, torch.randperm(0), {}
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, perm, row = ckpt["step"], ckpt["perm"].to(device), ckpt.get("metrics", {})
+        set_rng_state(ckpt["rng"])
+    forward = torch.compile(model) if cfg.compile else model
+    out_dir = make_out_dir(cfg.out_dir)
+    log = MetricsLog(out_dir, COLUMNS, resume=bool(ckpt), project="paper-implementations-fff",
+                     wandb_config=config_dict(cfg) if cfg.wandb else None)
+    print(f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters on {device}")
+    clock = Clock(cfg.max_minutes, ckpt["seconds"] if ckpt else 0.0)
+    bar = tqdm(total=total_steps, initial=step, leave=False)
+    while step < total_steps and not clock.done():
+        epoch, i = divmod(step, steps_per_epoch)
+        if i == 0:
+            perm = torch.randperm(len(x_train), device=device)  # a fresh order every epoch
+        h = cfg.hardening if cfg.model == "fff" and epoch >= cfg.harden_from * cfg.epochs else 0.0
+        idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+        logits, node_logits = forward(x_train[idx], transposition_prob=cfg.transposition_prob)
+        loss = F.cross_entropy(logits, y_train[idx])  # L_pred
+        harden = hardening_loss(node_logits) if node_logits is not None else torch.zeros(())
+        optimizer.zero_grad(set_to_none=True)
+        (loss + h * harden).backward()  # L = L_pred + h * L_harden
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * cosine(step / total_steps)
+        optimizer.step()
+        step += 1
+        bar.update(1)
+        if i % 20 == 0:
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", L_h=f"{harden.item():.3f}")
+        if step % steps_per_epoch == 0:
+            row = end_of_epoch(log, clock, model, test, epoch + 1, step, loss, harden, h,
+                               final=step == total_steps)
+            save(out_dir / "ckpt.pt", cfg, model, optimizer, step, perm, clock, row)
+    bar.close()
+    if step < total_steps:  # out of time, or Ctrl-C: a checkpoint that --resume continues exactly
+        save(out_dir / "ckpt.pt", cfg, model, optimizer, step, perm, clock, row)
+        print(f"stopped at step {step} of {total_steps}; go on with --resume {out_dir / 'ckpt.pt'}")
+    print(f"saved {out_dir / 'ckpt.pt'}")
+    clock.close()
+    log.close()
+    teardown(ddp)
     return model
 
 
