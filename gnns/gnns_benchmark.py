@@ -44,8 +44,8 @@ class BenchmarkConfig:
     def __post_init__(self):
         for name in ["batch_size", "batches", "hidden", "layers", "heads"]:
             require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
-        require(set(self.models) <= {"gcn", "gat"}, "--models: choose from gcn, gat")
-        require(set(self.impls) <= set(IMPLEMENTATIONS),
+        require(self.models and set(self.models) <= {"gcn", "gat"}, "--models: gcn and/or gat")
+        require(self.impls and set(self.impls) <= set(IMPLEMENTATIONS),
                 f"--impls: choose from {', '.join(IMPLEMENTATIONS)}")
 
 

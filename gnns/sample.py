@@ -62,6 +62,7 @@ class SampleConfig:
     def __post_init__(self):
         require(self.eval or self.attention or self.training,
                 "nothing to do: pass --eval, --attention and/or --training")
+        require(len(self.checkpoint) > 0, "--checkpoint: name at least one checkpoint")
 
 
 def evaluate(ckpt, path, cfg, device):

@@ -647,6 +647,8 @@ def test_bad_flags_are_parser_errors(capsys):
                  ["--runs", "2", "--resume", "x.pt"], ["--task", "mnist", "--batch-size", "1"],
                  ["--task", "fashion-mnist"]]:
         assert one_line_exit(argv).code == 2 and "error:" in capsys.readouterr().err
+    for argv in [["--eval", "--checkpoint"], ["--checkpoint", "x.pt"], ["--eval", "--index", "-1"]]:
+        assert one_line_exit(argv, sample.main).code == 2 and "error:" in capsys.readouterr().err
 
 
 def test_an_out_dir_that_is_a_file_is_a_one_line_error(tmp_path):

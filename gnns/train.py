@@ -12,7 +12,6 @@
 import dataclasses
 import math
 import os
-import signal
 import sys
 from dataclasses import dataclass
 from typing import Literal
@@ -190,7 +189,7 @@ def save(path, cfg, model_args, model, optimizer, state, clock, test_acc):
 def open_log(out_dir, cfg):
     wandb_config = config_dict(cfg) if cfg.wandb else None
     return MetricsLog(out_dir, COLUMNS, resume=bool(cfg.resume), wandb_config=wandb_config,
-                      project="gnns")
+                      project="gnns", run_name=f"{cfg.task}-{cfg.model}-seed{cfg.seed}")
 
 
 def record(log, state, **row):
@@ -433,8 +432,7 @@ def main(argv=None):
     if not finished:
         print(f"stopped after {clock.seconds / 60:.1f} min (--max-minutes or Ctrl-C): the run's "
               f"ckpt.pt continues it exactly with --resume", file=sys.stderr)
-    if clock.previous is not None:  # the run is over: Ctrl-C means what it meant before
-        signal.signal(signal.SIGINT, clock.previous)
+    clock.close()
 
 
 if __name__ == "__main__":
