@@ -76,26 +76,32 @@ def add_field(parser, field, help_text):
     elif typing.get_origin(kind) is typing.Literal:
         options.update(choices=typing.get_args(kind), type=type(typing.get_args(kind)[0]))
     elif typing.get_origin(kind) in (list, tuple):
-        options.update(nargs="*", type=typing.get_args(kind)[0])  # `--flag` alone: empty
+        item = typing.get_args(kind)[0]
+        options["nargs"] = "*"  # `--flag` alone: empty
+        if typing.get_origin(item) is typing.Literal:
+            options.update(choices=typing.get_args(item), type=type(typing.get_args(item)[0]))
+        else:
+            options["type"] = item
     else:
         options["type"] = kind
     parser.add_argument(flag(field.name), **options)
 
 
-def parse_config(cls, argv=None, presets=None, description=None, extra=None):
+def parse_config(cls, argv=None, presets=None, description=None, extra=None, default_preset=None):
     """Flags from the dataclass `cls`, one per field with its comment as help; returns a `cls`.
 
     presets: {"name": {field: value}}, applied before explicit flags; a preset may hold one such
     dict per dataset instead ({"cpu": {"mnist": {...}}}), chosen by the `dataset` field. Every
     number must be finite and, unless its field is named in `cls.signed`, not negative; the
     Config's own __post_init__ checks the rest with `require`. `extra(parser)` may add positional
-    arguments (a subcommand); then (cfg, {their values}) is returned."""
+    arguments (a subcommand); then (cfg, {their values}) is returned. default_preset: the preset
+    used when --preset is not given."""
     parser = argparse.ArgumentParser(description=description or cls.__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     if extra:
         extra(parser)
     if presets:
-        parser.add_argument("--preset", choices=sorted(presets), default=None,
+        parser.add_argument("--preset", choices=sorted(presets), default=default_preset,
                             help="a named set of overrides (PRESETS in train.py); explicit flags "
                                  "still win")
     comments = field_comments(cls)
@@ -134,9 +140,10 @@ def config_dict(cfg):
 
 
 # ------------------------------------------------------------------------------- device, seeds, DDP
-def pick_device(name):
-    """'auto' picks CUDA, then Apple's MPS, then the CPU; an unavailable device ends in one line."""
-    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+def pick_device(name, mps=True):
+    """'auto' picks CUDA, then Apple's MPS (unless mps=False), then the CPU; an unavailable device
+    ends in one line."""
+    cuda, mps = torch.cuda.is_available(), mps and torch.backends.mps.is_available()
     if name == "auto":
         name = "cuda" if cuda else "mps" if mps else "cpu"
     if name == "cuda" and not cuda or name == "mps" and not mps:
@@ -150,7 +157,7 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def setup(cfg):
+def setup(cfg, mps=True):
     """Threads, seeds, device and DDP (nanoGPT's recipe: torchrun sets RANK; NCCL on CUDA, gloo on
     the CPU). Returns (ddp, rank, world_size, device). Every rank gets the same seed, hence the same
     initial weights; draw data per rank with a generator seeded by seed + rank, or a
@@ -160,7 +167,7 @@ def setup(cfg):
     seed_everything(cfg.seed)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if "RANK" not in os.environ:
-        return False, 0, 1, pick_device(cfg.device)
+        return False, 0, 1, pick_device(cfg.device, mps)
     cuda = cfg.device in ("auto", "cuda") and torch.cuda.is_available()
     dist.init_process_group(backend="nccl" if cuda else "gloo")
     device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if cuda else "cpu")
@@ -381,11 +388,12 @@ def normalize(images, name):
     return (images.float() / 255 - mean) / std
 
 
-def split_validation(n, fraction, seed=0):
-    """Indices (train, validation) of a fixed random split of n training examples: models are
-    selected on the validation part, never on the test set."""
+def split_validation(n, size, seed=0):
+    """Indices (train, validation) of a fixed random split of n training examples, `size` of them
+    (a count, or a fraction when a float below 1) for validation: models are selected on the
+    validation part, never on the test set."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = int(round(n * fraction))
+    n_val = int(round(n * size)) if isinstance(size, float) and size < 1 else int(size)
     return order[n_val:], order[:n_val]
 
 
@@ -416,17 +424,16 @@ class Clock:
         return self.before + time.perf_counter() - self.start
 
     def fraction(self):
-        """How much of the budget is spent, 0 to 1 (0 when there is no budget)."""
-        return min(self.seconds / self.budget, 1.0) if self.budget else 0.0
+        """How much of the budget is spent, 0 to 1 (0 when there is no budget); under DDP rank 0's
+        value, so that a schedule driven by the clock is the same on every rank."""
+        value = min(self.seconds / self.budget, 1.0) if self.budget else 0.0
+        return agree(value, lambda t: dist.broadcast(t, 0))
 
-    def done(self):
-        stop = self.interrupted or bool(self.budget) and self.seconds >= self.budget
-        if dist.is_available() and dist.is_initialized():
-            flag_t = torch.tensor([float(stop)])
-            if dist.get_backend() == "nccl":
-                flag_t = flag_t.cuda()
-            dist.all_reduce(flag_t, op=dist.ReduceOp.MAX)
-            stop = bool(flag_t.item())
+    def done(self, reserve=0.0):
+        """True once the budget, less `reserve` seconds kept for a last evaluation, is spent, or
+        after a Ctrl-C; under DDP, True on every rank as soon as it is on one."""
+        stop = self.interrupted or bool(self.budget) and self.seconds + reserve >= self.budget
+        stop = bool(agree(float(stop), lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX)))
         if stop:
             self.close()
         return stop
@@ -438,3 +445,10 @@ class Clock:
             self.previous = None
 
 
+def agree(value, collective):
+    """A float that every DDP rank agrees on through `collective` (no-op without DDP)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    tensor = torch.tensor([value], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    collective(tensor)
+    return tensor.item()

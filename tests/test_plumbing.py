@@ -34,6 +34,7 @@ class Config:
     compile: bool = False  # torch.compile the model
     widths: tuple[int, ...] = (32, 64)  # channels per level
     dropout: float = 0.0  # dropout probability
+    impls: tuple[Literal["sparse", "dense"], ...] = ("sparse",)  # implementations to time
     signed = ("shift",)
 
     def __post_init__(self):
@@ -95,6 +96,19 @@ def test_types_and_defaults():
         "a.pt",
     )
     assert plumbing.config_dict(cfg)["widths"] == [8, 16, 32]  # plain data for a checkpoint
+
+
+def test_tuple_of_choices_and_default_preset(capsys):
+    assert parse("--impls", "dense", "sparse").impls == ("dense", "sparse")
+    assert parse("--impls").impls == ()
+    with pytest.raises(SystemExit):
+        parse("--impls", "pyg")
+    assert "invalid choice" in capsys.readouterr().err
+    assert plumbing.parse_config(Config, [], PRESETS, default_preset="cpu").steps == 5
+    assert (
+        plumbing.parse_config(Config, ["--preset", "gpu"], PRESETS, default_preset="cpu").steps
+        == 100
+    )
 
 
 def test_presets_apply_before_explicit_flags():
@@ -252,6 +266,7 @@ def test_clock_budget_and_ctrl_c():
     assert not plumbing.Clock(0).done()  # no budget
     clock = plumbing.Clock(max_minutes=100.5 / 60, seconds=100.0)  # a resumed run: 0.5 s left
     assert clock.seconds >= 100.0 and not clock.done()
+    assert clock.done(reserve=1.0)  # a last evaluation of 1 s would not fit
     time.sleep(0.6)
     assert clock.done() and clock.fraction() == 1.0
     handler_before = signal.getsignal(signal.SIGINT)
@@ -267,6 +282,7 @@ def test_validation_split_is_fixed_and_disjoint():
     assert len(val) == 10 and len(train) == 90
     assert sorted(torch.cat([train, val]).tolist()) == list(range(100))
     assert torch.equal(val, plumbing.split_validation(100, 0.1, seed=3)[1])
+    assert torch.equal(val, plumbing.split_validation(100, 10, seed=3)[1])  # a count
 
 
 # ------------------------------------------------------------------------------------------ data
