@@ -1,12 +1,13 @@
 """Density estimation using Real NVP (Dinh, Sohl-Dickstein & Bengio, ICLR 2017), for images.
 
-A flow f maps an image x to a latent z = f(x) with a standard normal density, and is invertible with a
-cheap Jacobian determinant, so the exact log-likelihood follows from the change of variables, Eq. (3):
+A flow f maps an image x to a latent z = f(x) with a standard normal density, and is invertible with
+a cheap Jacobian determinant, so the exact log-likelihood follows from the change of variables,
+Eq. (3):
 
     log p_X(x) = log p_Z(f(x)) + log |det(∂f(x) / ∂x^T)|
 
-Every layer below has forward(x) -> (y, log|det J|) with the log-determinant per sample, shape (B,), and
-inverse(y) -> x. Equation numbers are the paper's.
+Every layer below has forward(x) -> (y, log|det J|) with the log-determinant per sample, shape (B,),
+and inverse(y) -> x. Equation numbers are the paper's.
 """
 import math
 
@@ -20,8 +21,9 @@ ALPHA = 0.05  # the logit transform squeezes pixels into [ALPHA, 1 - ALPHA] firs
 def preprocess(x, noise):
     """Integer pixels in {0..255} -> logit space, with the log-determinant of this map (Sec. 4.1).
 
-    y = (x + u) / 256 (uniform dequantisation, u = noise in [0, 1)); p = ALPHA + (1 - 2 ALPHA) y; l = logit(p).
-    Returns l and log|dl/dy| summed per sample, so that log p_Y(y) = log p_L(l) + that log-determinant.
+    y = (x + u) / 256 (uniform dequantisation, u = noise in [0, 1)); p = ALPHA + (1 - 2 ALPHA) y;
+    l = logit(p). Returns l and log|dl/dy| summed per sample, so that
+    log p_Y(y) = log p_L(l) + that log-determinant.
     """
     y = (x.float() + noise) / 256  # (B, C, H, W) in (0, 1)
     p = ALPHA + (1 - 2 * ALPHA) * y
@@ -36,7 +38,8 @@ def postprocess(logit):
 
 
 def bits_per_dim(log_py, num_dims):
-    """−log2 p(x) / D for discrete 8-bit pixels, from the density log p_Y of y = (x + u) / 256 in [0, 1]^D.
+    """−log2 p(x) / D for discrete 8-bit pixels, from the density log p_Y of y = (x + u) / 256 in
+    [0, 1]^D.
 
     p(x) ≥ E_u p_Y((x + u) / 256) / 256^D, so −log2 p(x) / D ≤ −log p_Y / (D ln 2) + log2(256).
     """
@@ -48,9 +51,9 @@ def standard_normal_log_prob(z):
 
 
 def log_likelihood(flow, x, noise):
-    """log p_Y(y) of the dequantised image y = (x + noise) / 256: the change of variables, Eq. (3), for the
-    flow on the logit-space image, plus the log-determinant of the preprocessing. (Calls flow(...), so a
-    DDP-wrapped or compiled flow works too.)"""
+    """log p_Y(y) of the dequantised image y = (x + noise) / 256: the change of variables, Eq. (3),
+    for the flow on the logit-space image, plus the log-determinant of the preprocessing. (Calls
+    flow(...), so a DDP-wrapped or compiled flow works too.)"""
     logit, logdet_pre = preprocess(x, noise)
     z, logdet = flow(logit)
     return standard_normal_log_prob(z) + logdet + logdet_pre
@@ -70,7 +73,7 @@ def channel_mask(channels, parity):
 
 
 def squeeze(x):
-    """(B, C, H, W) -> (B, 4C, H/2, W/2): each 2x2 patch becomes 4 channels (Fig. 3). A permutation."""
+    """(B, C, H, W) -> (B, 4C, H/2, W/2): each 2x2 patch becomes 4 channels (Fig. 3). Permutes."""
     B, C, H, W = x.shape
     x = x.view(B, C, H // 2, 2, W // 2, 2).permute(0, 1, 3, 5, 2, 4)
     return x.reshape(B, 4 * C, H // 2, W // 2)
@@ -83,8 +86,9 @@ def unsqueeze(x):
 
 
 class ActNorm(nn.Module):
-    """Per-channel y = (x + loc) * exp(log_scale), initialised on the first batch to zero mean and unit
-    variance (Glow's ActNorm, our stand-in for the paper's batch norm: the same map in train and eval mode).
+    """Per-channel y = (x + loc) * exp(log_scale), initialised on the first batch to zero mean and
+    unit variance (Glow's ActNorm, our stand-in for the paper's batch norm: the same map in train
+    and eval mode).
     """
 
     def __init__(self, channels, ndim=4):
@@ -110,14 +114,15 @@ class ActNorm(nn.Module):
 
 
 class ResNet(nn.Module):
-    """The s and t functions: a small convolutional ResNet, output zero-initialised so each coupling starts as
-    the identity."""
+    """The s and t functions: a small convolutional ResNet, output zero-initialised so that each
+    coupling starts as the identity."""
 
     def __init__(self, in_channels, hidden, out_channels, blocks):
         super().__init__()
         self.inp = nn.Conv2d(in_channels, hidden, 3, padding=1)
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.ReLU(), nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(), nn.Conv2d(hidden, hidden, 3, padding=1))
+            nn.Sequential(nn.ReLU(), nn.Conv2d(hidden, hidden, 3, padding=1),
+                          nn.ReLU(), nn.Conv2d(hidden, hidden, 3, padding=1))
             for _ in range(blocks))
         self.out = nn.Conv2d(hidden, out_channels, 3, padding=1)
         nn.init.zeros_(self.out.weight)
@@ -135,7 +140,8 @@ class MLP(nn.Module):
 
     def __init__(self, features, hidden):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+        self.net = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, hidden), nn.ReLU(),
                                  nn.Linear(hidden, 2 * features))
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
@@ -148,7 +154,8 @@ class AffineCoupling(nn.Module):
     """Masked affine coupling, Eq. (9): y = b ⊙ x + (1 − b) ⊙ (x ⊙ exp(s(b ⊙ x)) + t(b ⊙ x)).
 
     The Jacobian is triangular (y_b depends on x_b only through the diagonal factor exp(s)), so
-    log|det J| = Σ (1 − b) ⊙ s(b ⊙ x), Eq. (6). s goes through tanh with a learned per-channel scale.
+    log|det J| = Σ (1 − b) ⊙ s(b ⊙ x), Eq. (6). s goes through tanh with a learned per-channel
+    scale.
     """
 
     def __init__(self, mask, net, channels):
@@ -168,12 +175,12 @@ class AffineCoupling(nn.Module):
         return y, s.flatten(1).sum(1)
 
     def inverse(self, y):
-        s, t = self.s_and_t(y * self.mask)  # b ⊙ y = b ⊙ x: the inverse sees what the forward saw, Eq. (7)
+        s, t = self.s_and_t(y * self.mask)  # b ⊙ y = b ⊙ x: it sees what the forward saw, Eq. (7)
         return (y - t) * torch.exp(-s)
 
 
 class Flow(nn.Module):
-    """A sequence of layers with forward (summing log-determinants) and inverse (in reverse order)."""
+    """A sequence of layers: forward (summing log-determinants) and inverse (in reverse order)."""
 
     def __init__(self, layers):
         super().__init__()
@@ -193,19 +200,22 @@ class Flow(nn.Module):
 
 
 def coupling_block(mask, channels, hidden, blocks):
-    return [AffineCoupling(mask, ResNet(channels, hidden, 2 * channels, blocks), channels), ActNorm(channels)]
+    net = ResNet(channels, hidden, 2 * channels, blocks)
+    return [AffineCoupling(mask, net, channels), ActNorm(channels)]
 
 
 class RealNVP(nn.Module):
-    """The multi-scale architecture (Sec. 3.6). Each scale: 3 checkerboard couplings, squeeze, 3 channel-wise
-    couplings, then half the channels are factored out as latents (Eq. 15); the last scale is 4 checkerboard
-    couplings. For MNIST: 1x28x28 -> 2x14x14 kept (2x14x14 out) -> 4x7x7 kept (4x7x7 out) -> 4x7x7 out.
+    """The multi-scale architecture (Sec. 3.6). Each scale: 3 checkerboard couplings, squeeze, 3
+    channel-wise couplings, then half the channels are factored out as latents (Eq. 15); the last
+    scale is 4 checkerboard couplings. For MNIST: 1x28x28 -> 2x14x14 kept (2x14x14 out) -> 4x7x7
+    kept (4x7x7 out) -> 4x7x7 out.
     """
 
     def __init__(self, channels=1, size=28, num_scales=2, hidden=32, blocks=1):
         super().__init__()
         if size % 2 ** (num_scales - 1):
-            raise ValueError(f"image size {size} must be divisible by 2^(num_scales - 1) = {2 ** (num_scales - 1)}")
+            raise ValueError(f"image size {size} must be divisible by 2^(num_scales - 1) = "
+                             f"{2 ** (num_scales - 1)}")
         self.image_shape = (channels, size, size)
         self.scales, self.latent_shapes = nn.ModuleList(), []
         c, s = channels, size
@@ -227,7 +237,8 @@ class RealNVP(nn.Module):
         self.latent_shapes.append((c, s, s))
 
     def forward(self, x):
-        """x (B, C, H, W) in logit space -> z (B, D), the factored-out latents concatenated, and log|det J| (B,)."""
+        """x (B, C, H, W) in logit space -> z (B, D), the factored-out latents concatenated, and
+        log|det J| (B,)."""
         zs, logdet = [], torch.zeros(x.shape[0], device=x.device)
         h = x
         for i in range(0, len(self.scales) - 1, 2):
@@ -251,7 +262,7 @@ class RealNVP(nn.Module):
 
 
 class FlatRealNVP(nn.Module):
-    """The simple variant: affine couplings over the flattened image, alternating masks, MLP s and t."""
+    """The simple variant: affine couplings over the flattened image, alternating masks, MLPs."""
 
     def __init__(self, channels=1, size=28, num_couplings=30, hidden=256):
         super().__init__()
@@ -260,7 +271,8 @@ class FlatRealNVP(nn.Module):
         layers = []
         for k in range(num_couplings):
             mask = (torch.arange(features) % 2 == k % 2).float().view(1, features)
-            layers += [AffineCoupling(mask, MLP(features, hidden), features), ActNorm(features, ndim=2)]
+            coupling = AffineCoupling(mask, MLP(features, hidden), features)
+            layers += [coupling, ActNorm(features, ndim=2)]
         self.flow = Flow(layers)
 
     def forward(self, x):

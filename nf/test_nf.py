@@ -17,7 +17,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def randomise(module, seed=0):
-    """Flows start as the identity (zero-initialised outputs); give every parameter random values instead."""
+    """Flows start as the identity (zero-initialised outputs); give all parameters random values."""
     torch.manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
@@ -26,11 +26,14 @@ def randomise(module, seed=0):
 
 
 def tiny_layers():
+    flat_mask = torch.tensor([[1.0, 0, 1, 0, 1, 0, 1, 0] * 4])
     return {
-        "checkerboard coupling": model.AffineCoupling(model.checkerboard_mask(4, 4, 1), model.ResNet(2, 4, 4, 1), 2),
-        "channel coupling": model.AffineCoupling(model.channel_mask(2, 0), model.ResNet(2, 4, 4, 1), 2),
+        "checkerboard coupling":
+            model.AffineCoupling(model.checkerboard_mask(4, 4, 1), model.ResNet(2, 4, 4, 1), 2),
+        "channel coupling":
+            model.AffineCoupling(model.channel_mask(2, 0), model.ResNet(2, 4, 4, 1), 2),
         "actnorm": model.ActNorm(2),
-        "flat coupling": model.AffineCoupling(torch.tensor([[1.0, 0, 1, 0, 1, 0, 1, 0] * 4]), model.MLP(32, 8), 32),
+        "flat coupling": model.AffineCoupling(flat_mask, model.MLP(32, 8), 32),
     }
 
 
@@ -49,22 +52,29 @@ def test_every_layer_inverts(name, mode):
     torch.testing.assert_close(layer.inverse(y), x, atol=1e-4, rtol=0)
 
 
+def jacobian_of(flow, x):
+    """The full Jacobian of flow(x)[0] for one sample, (D, D), by autograd."""
+    jacobian = torch.autograd.functional.jacobian(lambda v: flow(v.unsqueeze(0))[0].flatten(), x)
+    return jacobian.reshape(x.numel(), x.numel())
+
+
 @pytest.mark.parametrize("name", list(tiny_layers()))
 def test_layer_logdet_equals_autograd_jacobian(name):
     layer = randomise(tiny_layers()[name]).double().eval()
     x = layer_input(name).double()
     _, logdet = layer(x)
     for i in range(len(x)):  # brute force: the full Jacobian of one sample, then its log|det|
-        jacobian = torch.autograd.functional.jacobian(lambda v: layer(v.unsqueeze(0))[0].flatten(), x[i])
-        jacobian = jacobian.reshape(x[i].numel(), x[i].numel())
+        jacobian = jacobian_of(layer, x[i])
         assert logdet[i].item() == pytest.approx(torch.linalg.slogdet(jacobian)[1].item(), abs=1e-8)
 
 
 @pytest.mark.parametrize("flow", ["multiscale", "flat"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_whole_flow_inverts_and_its_logdet_equals_autograd(flow, mode):
-    net = model.RealNVP(channels=1, size=4, num_scales=2, hidden=4) if flow == "multiscale" else \
-        model.FlatRealNVP(channels=1, size=4, num_couplings=4, hidden=8)
+    if flow == "multiscale":
+        net = model.RealNVP(channels=1, size=4, num_scales=2, hidden=4)
+    else:
+        net = model.FlatRealNVP(channels=1, size=4, num_couplings=4, hidden=8)
     net = randomise(net).double()
     getattr(net, mode)()
     x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
@@ -72,7 +82,7 @@ def test_whole_flow_inverts_and_its_logdet_equals_autograd(flow, mode):
     assert z.shape == (2, 16)
     torch.testing.assert_close(net.inverse(z), x, atol=1e-4, rtol=0)
     net.eval()
-    jacobian = torch.autograd.functional.jacobian(lambda v: net(v.unsqueeze(0))[0].flatten(), x[0]).reshape(16, 16)
+    jacobian = jacobian_of(net, x[0])
     assert net(x)[1][0].item() == pytest.approx(torch.linalg.slogdet(jacobian)[1].item(), abs=1e-8)
 
 
@@ -81,8 +91,8 @@ def test_preprocessing_logdet_equals_autograd():
     noise = torch.rand(1, 1, 3, 3, dtype=torch.float64)
     _, logdet = model.preprocess(x, noise)
     # l as a function of y = (x + noise) / 256 is element-wise: the Jacobian is diagonal
-    derivative = torch.autograd.functional.jacobian(lambda y: model.preprocess(256 * y, torch.zeros_like(y))[0].flatten(),
-                                                    ((x + noise) / 256).double())
+    derivative = torch.autograd.functional.jacobian(
+        lambda y: model.preprocess(256 * y, torch.zeros_like(y))[0].flatten(), ((x + noise) / 256))
     expected = torch.log(torch.diagonal(derivative.reshape(9, 9))).sum()
     assert logdet.item() == pytest.approx(expected.item(), rel=1e-6)
 
@@ -93,13 +103,13 @@ def test_squeeze_is_a_permutation_and_unsqueeze_undoes_it():
     assert y.shape == (2, 12, 2, 3)
     assert torch.equal(y.flatten().sort().values, x.flatten())
     assert torch.equal(model.unsqueeze(y), x)
-    assert torch.equal(y[0, :4, 0, 0], torch.tensor([0.0, 1, 6, 7]))  # channel 0's top-left 2x2 patch
+    assert torch.equal(y[0, :4, 0, 0], torch.tensor([0.0, 1, 6, 7]))  # channel 0's top-left patch
 
 
 def test_bits_per_dim_on_known_densities():
     # the uniform density on [0, 1]^D (log p = 0) is exactly 8 bits per 8-bit pixel
     assert model.bits_per_dim(torch.tensor(0.0), 784).item() == pytest.approx(8.0)
-    # a standard normal's average negative log-density is its entropy, 0.5 log2(2 pi e) bits per dimension
+    # a standard normal's mean negative log-density is its entropy, 0.5 log2(2 pi e) bits per dim
     torch.manual_seed(0)
     z = torch.randn(20000, 16, dtype=torch.float64)
     nll_bits = -model.standard_normal_log_prob(z).mean() / (16 * math.log(2))
@@ -141,54 +151,107 @@ def data_dir(tmp_path_factory):
     return str(root)
 
 
+def metrics(out):
+    lines = (out / "metrics.csv").read_text().splitlines()
+    return [dict(zip(lines[0].split(","), line.split(","))) for line in lines[1:]]
+
+
 def test_tiny_flow_learns_and_checkpoint_reproduces_its_report(data_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    train.main(["--data-dir", data_dir, "--out-dir", str(out), "--steps", "40", "--eval-every", "20", "--lr", "3e-3", *TINY])
-    rows = [line.split(",") for line in (out / "metrics.csv").read_text().splitlines()[1:]]
-    first, last = float(rows[0][3]), float(rows[-1][3])
-    assert last < first < 8.0, "test bits/dim must fall"
-    sample.main(["--checkpoint", str(out / "ckpt.pt"), "--data-dir", data_dir, "--eval", "--device", "cpu"])
-    assert f"test bits/dim: {last:.4f}" in capsys.readouterr().out
-    sample.main(["--checkpoint", str(out / "ckpt.pt"), "--data-dir", data_dir, "--eval", "--eval-examples", "32"])
+    train.main(["--data-dir", data_dir, "--out-dir", str(out), "--steps", "40",
+                "--eval-every", "20", "--lr", "3e-3", *TINY])
+    rows = metrics(out)
+    first, last = float(rows[0]["val_bpd"]), float(rows[-1]["val_bpd"])
+    assert last < first < 8.0, "validation bits/dim must fall"
+    assert rows[0]["test_bpd"] == "", "the test set is scored once, after the last step"
+    test_bpd = float(rows[-1]["test_bpd"])
+    ckpt = str(out / "ckpt.pt")
+    sample.main(["--checkpoint", ckpt, "--data-dir", data_dir, "--eval", "--device", "cpu"])
+    assert f"test bits/dim: {test_bpd:.4f}" in capsys.readouterr().out
+    sample.main(["--checkpoint", ckpt, "--data-dir", data_dir, "--eval", "--eval-examples", "32"])
     assert "32 test images" in capsys.readouterr().out  # not the checkpoint's 64
-    picture = tmp_path / "samples.png"
-    sample.main(["--checkpoint", str(out / "ckpt.pt"), "-n", "8", "--out", str(picture), "--device", "cpu"])
-    assert picture.stat().st_size > 100
+    sample.main(["--checkpoint", ckpt, "--num-samples", "8", "--out-dir", str(tmp_path),
+                 "--device", "cpu"])
+    assert (tmp_path / "nf_samples.png").stat().st_size > 100
+    sample.main(["--checkpoint", ckpt, "--interpolate", "--out-dir", str(tmp_path),
+                 "--data-dir", data_dir, "--device", "cpu"])
+    assert (tmp_path / "nf_interpolation.png").stat().st_size > 100
+
+
+def test_validation_is_carved_from_the_training_images(data_dir):
+    cfg = train.Config(data_dir=data_dir, val_fraction=0.25)
+    x_train, x_val, x_test = train.load_data(cfg, "cpu")
+    assert (len(x_train), len(x_val), len(x_test)) == (192, 64, 64)
+    every = torch.cat([x_train, x_val]).flatten(1)
+    assert len(every.unique(dim=0)) == 256, "no image is in both the training and validation sets"
+    full, no_val, _ = train.load_data(train.Config(data_dir=data_dir, val_fraction=0), "cpu")
+    every_image = train.load_image_dataset("mnist", data_dir, train=True)[0]
+    assert len(no_val) == 0 and torch.equal(full, every_image), "0: all, in their order"
+
+
+class Anything:
+    def __eq__(self, other):
+        return True
+
+
+ANY = Anything()
+
+
+class StopAfter(train.Clock):
+    """A Clock that is interrupted (as by Ctrl-C) after `checks` calls of done()."""
+
+    checks = 0
+
+    def done(self):
+        StopAfter.checks -= 1
+        self.interrupted = self.interrupted or StopAfter.checks < 0
+        return super().done()
 
 
 def test_resume_continues_exactly(data_dir, tmp_path, monkeypatch):
-    save = train.save_checkpoint
-
-    def keep_each(path, checkpoint):  # keep every checkpoint, as if the run had been stopped there
-        save(path, checkpoint)
-        save(path.replace("ckpt.pt", f"step{checkpoint['step']}.pt"), checkpoint)
-
-    monkeypatch.setattr(train, "save_checkpoint", keep_each)
-    train.main(["--data-dir", data_dir, "--out-dir", str(tmp_path / "a"), "--steps", "4", "--eval-every", "2", *TINY])
-    stopped = torch.load(tmp_path / "a" / "step2.pt", weights_only=True)
-    stopped["metrics"]["seconds"] = 1000.0  # as if the first two steps had taken 1000 s
-    torch.save(stopped, tmp_path / "a" / "step2.pt")
-    train.main(["--resume", str(tmp_path / "a" / "step2.pt"), "--steps", "4", "--out-dir", str(tmp_path / "b"),
-                "--data-dir", data_dir, "--device", "cpu"])
-    whole = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
-    resumed = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    run = ["--data-dir", data_dir, "--steps", "6", "--eval-every", "2", *TINY]
+    train.main([*run, "--out-dir", str(tmp_path / "whole")])
+    monkeypatch.setattr(train, "Clock", StopAfter)
+    StopAfter.checks = 3  # stop between two evaluations, as --max-minutes or Ctrl-C would
+    train.main([*run, "--out-dir", str(tmp_path / "a")])
+    stopped = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    assert stopped["step"] == 3
+    stopped["seconds"] = 1000.0  # as if the first three steps had taken 1000 s
+    torch.save(stopped, tmp_path / "a" / "ckpt.pt")
+    StopAfter.checks = 10**9
+    train.main(["--resume", str(tmp_path / "a" / "ckpt.pt"), "--steps", "6", "--out-dir",
+                str(tmp_path / "a"), "--data-dir", data_dir, "--device", "cpu"])
+    whole = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
     for name in whole["model"]:
         assert torch.equal(whole["model"][name], resumed["model"][name]), name
-    assert resumed["metrics"]["seconds"] >= 1000.0  # the clock goes on from the checkpoint's
+    assert resumed["seconds"] >= 1000.0  # the clock goes on from the checkpoint's
+    whole_rows = [dict(row, seconds=ANY) for row in metrics(tmp_path / "whole")]
+    assert metrics(tmp_path / "a") == whole_rows, "the same rows but for the seconds"
+
+
+def test_max_minutes_stops_with_a_checkpoint(data_dir, tmp_path, capsys):
+    train.main(["--data-dir", data_dir, "--out-dir", str(tmp_path), "--steps", "100000",
+                "--max-minutes", "0.01", *TINY])
+    stopped = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert 0 < stopped["step"] < 100000 and stopped["seconds"] >= 0.6
+    assert "go on with --resume" in capsys.readouterr().out
 
 
 def test_resume_keeps_the_learning_rate_unless_given(data_dir, tmp_path):
-    train.main(["--data-dir", data_dir, "--out-dir", str(tmp_path / "a"), "--steps", "2", "--lr", "2e-3", *TINY])
-    for extra, lr in [([], 2e-3), (["--lr", "1e-4"], 1e-4)]:  # a last phase at a lower learning rate
+    train.main(["--data-dir", data_dir, "--out-dir", str(tmp_path / "a"), "--steps", "2",
+                "--lr", "2e-3", *TINY])
+    for extra, lr in [([], 2e-3), (["--lr", "1e-4"], 1e-4)]:  # a last phase at a lower lr
         out = tmp_path / f"b{lr}"
-        train.main(["--resume", str(tmp_path / "a" / "ckpt.pt"), "--steps", "3", "--out-dir", str(out),
-                    "--data-dir", data_dir, "--device", "cpu", *extra])
+        train.main(["--resume", str(tmp_path / "a" / "ckpt.pt"), "--steps", "3", "--out-dir",
+                    str(out), "--data-dir", data_dir, "--device", "cpu", *extra])
         resumed = torch.load(out / "ckpt.pt", weights_only=True)
         assert resumed["config"]["lr"] == lr
         assert all(group["lr"] == lr for group in resumed["optimizer"]["param_groups"])
 
 
-def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(data_dir, tmp_path,
+                                                                   monkeypatch):
     calls = []
 
     def poisoned(flow, x, noise):  # the 4th training batch produces NaN
@@ -202,18 +265,28 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(data_dir, tm
     monkeypatch.setattr(train, "log_likelihood", poisoned)
     out = tmp_path / "run"
     with pytest.raises(SystemExit, match="loss became nan at step 3.*last good checkpoint"):
-        train.main(["--data-dir", data_dir, "--out-dir", str(out), "--steps", "10", "--eval-every", "2", *TINY])
+        train.main(["--data-dir", data_dir, "--out-dir", str(out), "--steps", "10",
+                    "--eval-every", "2", *TINY])
     assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 2
 
 
 def test_two_process_ddp_run(data_dir, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-         "--data-dir", data_dir, "--out-dir", str(tmp_path), "--steps", "3", "--eval-every", "3", *TINY],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "train.py", "--data-dir", data_dir, "--out-dir", str(tmp_path), "--steps", "3",
+         "--eval-every", "3", *TINY],
         cwd=HERE, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert result.returncode == 0, result.stderr  # all of it: a failing rank's own message comes before torchrun's summary
+    assert result.returncode == 0, result.stderr  # all of it: a failing rank's message comes first
     assert "2 process(es)" in result.stdout
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 3
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 3
+    rank0, rank1 = (state["torch"] for state in ckpt["rng"])
+    assert not torch.equal(rank0, rank1), "each rank's own random numbers, for an exact resume"
+
+
+def run_script(*args):
+    return subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True,
+                          env=dict(os.environ, DATA_DIR=""))
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path):
@@ -221,20 +294,48 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     for args, message in [
         (["train.py", "--num-scales", "4"], "--num-scales 4 needs an image size divisible by 8"),
         (["train.py", "--steps", "0"], "--steps must be positive"),
-        (["train.py", "--data-dir", str(empty), "--out-dir", str(tmp_path / "run")], "could not be downloaded"),
-        (["sample.py", "--checkpoint", str(tmp_path / "missing.pt")], "checkpoint not found"),
+        (["train.py", "--val-fraction", "1"], "--val-fraction must be below 1"),
+        (["train.py", "--data-dir", str(empty), "--out-dir", str(tmp_path / "run")],
+         "could not be downloaded"),
+        (["sample.py", "--checkpoint", str(tmp_path / "missing.pt")], "not found"),
     ]:
-        result = subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True)
+        result = run_script(*args)
         assert result.returncode != 0
         assert "Traceback" not in result.stderr
         assert message in result.stderr.strip().splitlines()[-1]
     assert not empty.exists() and not (tmp_path / "run").exists()
 
 
-def test_foreign_and_corrupt_checkpoints_are_refused(tmp_path):
+@pytest.mark.parametrize("lr", ["nan", "inf", "-1", "0"])
+def test_bad_learning_rates_stop_before_training(lr, capsys):
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--lr", lr])
+    assert stop.value.code == 2
+    assert "--lr" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_out_dir_that_is_a_file_is_refused(data_dir, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        train.main(["--data-dir", data_dir, "--out-dir", str(a_file), "--steps", "1", *TINY])
+
+
+class Payload:
+    """Not plain data: a weights-only load must refuse it (a pickle could run code through it)."""
+
+
+def test_bad_checkpoints_are_refused_in_one_line(tmp_path):
     foreign, corrupt = tmp_path / "foreign.pt", tmp_path / "corrupt.pt"
+    no_model, unsafe = tmp_path / "no_model.pt", tmp_path / "unsafe.pt"
     torch.save({"folder": "gpt"}, foreign)
     corrupt.write_bytes(b"not a checkpoint")
-    for path, message in [(foreign, "not written by nf"), (corrupt, "not a readable checkpoint")]:
+    torch.save({"folder": "nf", "config": {}, "step": 0}, no_model)
+    torch.save({"folder": "nf", "model": Payload()}, unsafe)
+    for path, message in [(foreign, "not written by nf"), (corrupt, "truncated or corrupt"),
+                          (no_model, "lacks the key.*'model'"), (tmp_path, "is a folder"),
+                          (unsafe, "objects that are not allowed to load")]:
         with pytest.raises(SystemExit, match=message):
-            train.load_checkpoint(str(path))
+            sample.main(["--checkpoint", str(path)])
+        with pytest.raises(SystemExit, match=message):
+            train.main(["--resume", str(path)])
