@@ -50,6 +50,7 @@ class Config:
         modes = [self.zero_shot, self.search is not None, self.image_index is not None]
         require(sum(modes) == 1, "give one of --zero-shot, --search TEXT, --image-index I")
         require(self.k >= 1, "--k must be >= 1")
+        require(self.captions != (), "--captions needs at least one caption")
 
 
 def tokenize_or_exit(tokenizer, texts):

@@ -353,7 +353,8 @@ def test_bad_flags_are_one_line_errors(capsys, tmp_path):
                         (["--lr", "-1"], "--lr cannot be negative"),
                         (["--lr", "0"], "--lr must be > 0")]:
         assert words in one_line_error(capsys, train.main, argv), argv
-    for argv in [["--k", "0", "--zero-shot"], ["--zero-shot", "--search", "a 4"], []]:
+    for argv in [["--k", "0", "--zero-shot"], ["--zero-shot", "--search", "a 4"], [],
+                 ["--image-index", "0", "--captions"]]:
         assert "error:" in one_line_error(capsys, sample.main, argv), argv
 
 

@@ -295,8 +295,8 @@ def open_log(out_dir, cfg, ckpt, master):
                       wandb_config=config_dict(cfg) if cfg.wandb else None)
 
 
-def results(metrics):
-    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+def results(metrics, before=""):
+    return before + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) if metrics else ""
 
 
 def end_of_epoch(path, cfg, model, optimizer, tokenizer, test, device, step, epoch, loss,
@@ -370,7 +370,7 @@ def main(argv=None):
              clock)
     if master:
         print(f"{'done' if step == total_steps else 'stopped'} at step {step} of {total_steps}, "
-              f"{train_time:.0f} s of training: {out_dir / 'ckpt.pt'}; " + results(metrics))
+              f"{train_time:.0f} s of training: {out_dir / 'ckpt.pt'}" + results(metrics, "; "))
     log.close()
     clock.close()
     teardown(ddp)
