@@ -49,6 +49,7 @@ class Config:
                 "--max-new-tokens and --num-samples must be at least 1")
         require(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
         require(self.prompt != "", "--prompt must not be empty")
+        require(self.plot != (), "--plot needs at least one run folder")
 
 
 def load_model(path, device):

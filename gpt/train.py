@@ -248,7 +248,7 @@ def estimate_loss(model, splits, cfg, device):
     return losses
 
 
-def sample(model, tokenizer, prompt, cfg, device):
+def sample_text(model, tokenizer, prompt, cfg, device):
     """--sample-chars characters continuing the prompt (T,), always drawn with the same seed."""
     model.eval()
     out = model.generate(prompt[None].to(device), cfg.sample_chars, temperature=0.8, top_k=40,
@@ -283,9 +283,8 @@ def evaluate(model, splits, tokenizer, cfg, device, log, bar, **row):
     bar.write(f"step {row['step']}: train {row['train_loss']:.4f}, val {row['val_loss']:.4f}, "
               f"{row['train_seconds']:.0f} s, {row['tokens_per_second']:,.0f} tokens/s")
     if cfg.sample_chars:
-        bar.write(sample(model, tokenizer, splits["train"][:1], cfg, device))
+        bar.write(sample_text(model, tokenizer, splits["train"][:1], cfg, device))
     return row["val_loss"]
-
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -347,6 +346,7 @@ def main(argv=None):
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
     bar.close()
     log.close()
+    clock.close()
     if master:
         print(f"best val loss {best_val:.4f}; checkpoints in {out_dir}")
     teardown(ddp)
