@@ -129,16 +129,24 @@ def load_resume(cfg):
     changed = [f"{flag(k)} {stored[k]}" for k in MODEL_FIELDS if stored[k] != config_dict(cfg)[k]]
     if changed:
         sys.exit(f"error: checkpoint {cfg.resume} was trained with {', '.join(changed)}; "
-                         f"pass the same values to --resume it")
+                 f"pass the same values to --resume it")
     return ckpt
 
 
-def restore(ckpt, model, ema, optimizer, rank):
+def build(cfg, device, ckpt, rank):
+    """eps_theta, its EMA, the diffusion schedule and the optimizer, where --resume left them."""
+    _, image_size, in_channels, _, _ = IMAGE_DATASETS[cfg.dataset]
+    model = build_model(config_dict(cfg), in_channels, image_size, NUM_CLASSES).to(device)
+    ema = ema_copy(model)
+    diffusion = Diffusion(cfg.T, cfg.schedule).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if not ckpt:
+        return model, ema, diffusion, optimizer, 0
     model.load_state_dict(ckpt["model"])
     ema.load_state_dict(ckpt["ema"])
     optimizer.load_state_dict(ckpt["optimizer"])
     set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-    return ckpt["step"]
+    return model, ema, diffusion, optimizer, ckpt["step"]
 
 
 def save(path, cfg, model, ema, optimizer, step, ddp, world_size):
@@ -154,13 +162,15 @@ def save(path, cfg, model, ema, optimizer, step, ddp, world_size):
 
 
 @torch.no_grad()
-def save_samples(ema, diffusion, shape, path):
+def save_samples(ema, diffusion, dataset, path):
     """A DDIM-20 grid of the EMA model, guidance 2, one column per class: training at a glance."""
     device = next(ema.parameters()).device
+    _, image_size, in_channels, _, _ = IMAGE_DATASETS[dataset]
+    shape = (NUM_CLASSES, in_channels, image_size, image_size)
     y = torch.arange(NUM_CLASSES, device=device)
     generator = torch.Generator(device).manual_seed(0)
-    x, _ = diffusion.sample(ema, y, (NUM_CLASSES, *shape), "ddim", 20, w=2.0,
-                            null_class=NUM_CLASSES, generator=generator)
+    x, _ = diffusion.sample(ema, y, shape, "ddim", 20, w=2.0, null_class=NUM_CLASSES,
+                            generator=generator)
     path.parent.mkdir(exist_ok=True)
     torchvision.utils.save_image((x + 1) / 2, path, nrow=NUM_CLASSES)
 
@@ -180,18 +190,9 @@ def main(argv=None):
     clock = Clock(cfg.max_minutes)  # everything from here counts, the sample grids included
     ddp, rank, world_size, device = setup(cfg)
     seed_everything(cfg.seed + rank)  # per-rank seeds: each process draws its own batches, t, eps
-
-    # ---- data: all of it in memory as uint8, scaled to [-1, 1] per batch
+    # all the training images in memory as uint8 (N, C, H, W), scaled to [-1, 1] per batch
     images, labels, _ = load_image_dataset(cfg.dataset, cfg.data_dir, train=True)
-    _, image_size, in_channels, _, _ = IMAGE_DATASETS[cfg.dataset]
-    shape = (in_channels, image_size, image_size)
-
-    # ---- eps_theta, its EMA, the diffusion schedule, the optimizer
-    model = build_model(config_dict(cfg), in_channels, image_size, NUM_CLASSES).to(device)
-    ema = ema_copy(model)
-    diffusion = Diffusion(cfg.T, cfg.schedule).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step = restore(ckpt, model, ema, optimizer, rank) if ckpt else 0
+    model, ema, diffusion, optimizer, step = build(cfg, device, ckpt, rank)
     eps_theta = torch.compile(model) if cfg.compile else model
     eps_theta = DDP(eps_theta) if ddp else eps_theta
     log = MetricsLog(out_dir, ["step", "loss", "lr", "grad_norm", "seconds"], resume=bool(ckpt),
@@ -228,7 +229,7 @@ def main(argv=None):
                     seconds=clock.seconds)
             progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
         if rank == 0 and cfg.sample_every and step % cfg.sample_every == 0:
-            save_samples(ema, diffusion, shape, out_dir / "samples" / f"step{step:07d}.png")
+            save_samples(ema, diffusion, cfg.dataset, out_dir / "samples" / f"step{step:07d}.png")
         stop = clock.done()  # --max-minutes spent, or Ctrl-C: every rank stops at the same step
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop:
             save(out_dir / "ckpt.pt", cfg, model, ema, optimizer, step, ddp, world_size)
@@ -238,8 +239,7 @@ def main(argv=None):
     log.close()
     clock.close()
     if rank == 0 and step < cfg.steps:
-        print(f"stopped at step {step} after {clock.seconds / 60:.1f} minutes; "
-              f"continue with --resume {out_dir / 'ckpt.pt'}")
+        print(f"stopped at step {step}; continue with --resume {out_dir / 'ckpt.pt'}")
     elif rank == 0:
         print(f"done: step {step}, {clock.seconds:.0f} s, checkpoint {out_dir / 'ckpt.pt'}")
     teardown(ddp)
