@@ -48,7 +48,7 @@ class Config:
     of the learning rate runs on the clock instead of over --steps, and the run (evaluations
     included) ends within that time with a checkpoint that --resume continues; so does a Ctrl-C."""
     # data
-    dataset: Literal["shakespeare"] = "shakespeare"  # DATA_DIR/tinyshakespeare/input.txt
+    dataset: Literal["shakespeare"] = "shakespeare"  # tinyshakespeare/input.txt, fetched if absent
     text_file: str | None = None  # train on this UTF-8 text file instead of --dataset (any book)
     data_dir: str = os.environ.get("DATA_DIR", "data")  # where datasets live ($DATA_DIR, or ./data)
     out_dir: str = "runs/gpt"  # checkpoints (ckpt.pt; best.pt by validation loss) and metrics.csv
@@ -303,10 +303,9 @@ def main(argv=None):
     out_dir = make_out_dir(cfg.out_dir)
     log = MetricsLog(out_dir, COLUMNS, resume=bool(resume), project="gpt", enabled=master,
                      wandb_config=config_dict(cfg) if cfg.wandb else None)
-    if master:
-        print(f"{cfg.text_file or 'Tiny Shakespeare'}: {len(text):,} characters, vocabulary "
-              f"{len(tokenizer)}; model {raw_model.num_params() / 1e6:.2f}M parameters on "
-              f"{device} x {world}")
+    if master:  # e.g. "1,115,394 characters, vocabulary 65; 0.80M parameters on cpu x 1"
+        print(f"{len(text):,} characters, vocabulary {len(tokenizer)}; "
+              f"{raw_model.num_params() / 1e6:.2f}M parameters on {device} x {world}")
     resumed_at, tokens_per_step = step if resume else None, cfg.batch_size * cfg.block_size * world
     bar = tqdm(total=cfg.steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
     window_start, window_step, reserve = time.perf_counter(), step, 0.0  # reserve: one evaluation
@@ -324,7 +323,7 @@ def main(argv=None):
             save(out_dir, is_best, raw_model, optimizer, tokenizer, cfg, batches, ddp, step=step,
                  best_val=best_val, seconds=clock.seconds, train_seconds=train_seconds)
             window_start, window_step = time.perf_counter(), step
-            reserve = window_start - eval_start  # about what the last evaluation will take
+            reserve = window_start - eval_start  # kept for the last evaluation (progress_of)
         if done:
             break
 
