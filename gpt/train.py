@@ -210,24 +210,11 @@ def load_weights(model, state_dict, path):
 
 
 def lr_at(progress, cfg, step):
-    """Linear warmup over warmup_steps, then cosine decay from lr to min_lr as progress goes from 0
-    to 1."""
+    """Linear warmup over warmup_steps, then cosine decay from lr to min_lr as progress (of --steps,
+    or of --max-minutes when set) goes from 0 to 1."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def progress_of(step, cfg, clock, reserve, ddp, device):
-    """How far the run is, 0 to 1 (it ends at 1): step / --steps, or with --max-minutes the share
-    of the budget spent, less `reserve` seconds kept for the last evaluation so that it fits too."""
-    if not cfg.max_minutes:
-        return step / cfg.steps
-    progress = clock.seconds / max(cfg.max_minutes * 60 - reserve, 1e-3)
-    if ddp:  # every rank follows rank 0's clock, or they would differ in lr and stop at other steps
-        progress = torch.tensor([progress], device=device)
-        dist.broadcast(progress, 0)
-        progress = progress.item()
-    return progress
 
 
 # ----------------------------------------------------------------- evaluation, sampling, checkpoint
@@ -310,8 +297,8 @@ def main(argv=None):
     bar = tqdm(total=cfg.steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
     window_start, window_step, reserve = time.perf_counter(), step, 0.0  # reserve: one evaluation
     while True:
-        progress = progress_of(step, cfg, clock, reserve, ddp, device)
-        done = step >= cfg.steps or progress >= 1 or clock.done()
+        progress = clock.fraction() if cfg.max_minutes else step / cfg.steps  # of the schedule
+        done = step >= cfg.steps or clock.done(reserve)  # the budget, the last evaluation kept
         if done or step % cfg.eval_interval == 0 and step != resumed_at:  # evaluate, sample, save
             eval_start = time.perf_counter()
             train_seconds += eval_start - window_start  # training time, evaluations excluded
@@ -323,7 +310,7 @@ def main(argv=None):
             save(out_dir, is_best, raw_model, optimizer, tokenizer, cfg, batches, ddp, step=step,
                  best_val=best_val, seconds=clock.seconds, train_seconds=train_seconds)
             window_start, window_step = time.perf_counter(), step
-            reserve = window_start - eval_start  # kept for the last evaluation (progress_of)
+            reserve = window_start - eval_start  # what the last evaluation will need, about
         if done:
             break
 
