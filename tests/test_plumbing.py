@@ -36,6 +36,7 @@ class Config:
     dropout: float = 0.0  # dropout probability
     impls: tuple[Literal["sparse", "dense"], ...] = ("sparse",)  # implementations to time
     signed = ("shift",)
+    aliases = {"steps": "-n"}
 
     def __post_init__(self):
         plumbing.require(self.dropout < 1, f"--dropout must be below 1, got {self.dropout}")
@@ -113,6 +114,7 @@ def test_tuple_of_choices_and_default_preset(capsys):
 
 def test_presets_apply_before_explicit_flags():
     assert parse("--preset", "cpu").steps == 5
+    assert parse("-n", "8").steps == 8
     assert parse("--preset", "cpu", "--steps", "7").steps == 7
     assert parse("--preset", "gpu").lr == 1.0  # per dataset
     assert parse("--preset", "gpu", "--dataset", "cifar10").lr == 2.0
