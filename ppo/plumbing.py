@@ -60,7 +60,7 @@ def field_comments(cls):
     return comments
 
 
-def add_field(parser, field, help_text):
+def add_field(parser, field, help_text, alias=None):
     """One flag for one dataclass field: its type, its choices (a Literal) and its default."""
     kind = field.type
     if isinstance(kind, str):
@@ -84,7 +84,7 @@ def add_field(parser, field, help_text):
             options["type"] = item
     else:
         options["type"] = kind
-    parser.add_argument(flag(field.name), **options)
+    parser.add_argument(*([alias] if alias else []), flag(field.name), **options)
 
 
 def parse_config(cls, argv=None, presets=None, description=None, extra=None, default_preset=None):
@@ -93,7 +93,8 @@ def parse_config(cls, argv=None, presets=None, description=None, extra=None, def
     presets: {"name": {field: value}}, applied before explicit flags; a preset may hold one such
     dict per dataset instead ({"cpu": {"mnist": {...}}}), chosen by the `dataset` field. Every
     number must be finite and, unless its field is named in `cls.signed`, not negative; the
-    Config's own __post_init__ checks the rest with `require`. `extra(parser)` may add positional
+    Config's own __post_init__ checks the rest with `require`; `cls.aliases` ({"prompt": "-p"})
+    gives fields short flags. `extra(parser)` may add positional
     arguments (a subcommand); then (cfg, {their values}) is returned. default_preset: the preset
     used when --preset is not given."""
     parser = argparse.ArgumentParser(description=description or cls.__doc__,
@@ -106,8 +107,9 @@ def parse_config(cls, argv=None, presets=None, description=None, extra=None, def
                                  "still win")
     comments = field_comments(cls)
     fields = [f for f in dataclasses.fields(cls) if f.init]
+    aliases = getattr(cls, "aliases", {})  # short flags: {"prompt": "-p"}
     for field in fields:
-        add_field(parser, field, comments.get(field.name, ""))
+        add_field(parser, field, comments.get(field.name, ""), aliases.get(field.name))
     known = parser.parse_known_args(argv)[0]
     if presets and known.preset:
         overrides = presets[known.preset]
@@ -301,7 +303,8 @@ class MetricsLog:
             self.writer.writerow(self.columns)
         if wandb_config is not None:
             import wandb  # imported only when asked for
-            self.wandb = wandb.init(project=project, config=wandb_config, name=run_name)
+            self.wandb = wandb.init(project=project, config=wandb_config, name=run_name,
+                                    dir=out_dir)
 
     def log(self, **row):
         if not self.enabled:

@@ -60,7 +60,7 @@ def code_texts(markdown):
 
 
 def commands(markdown):
-    """(folder, script, argv) for every `python FOLDER/SCRIPT.py ...` (or torchrun ... FOLDER/...)."""
+    """(folder, script, argv) for each `python FOLDER/SCRIPT.py ...` (or via torchrun)."""
     found = []
     for text in code_texts(markdown):
         for line in text.replace("\\\n", " ").splitlines():
