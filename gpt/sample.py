@@ -43,6 +43,7 @@ class Config:
     out_dir: str = "runs/gpt"  # where --plot writes gpt_loss.png (--out-dir images: the README's)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: cuda, then mps, then cpu
     seed: int = 0  # seeds torch's sampler
+    aliases = {"prompt": "-p", "max_new_tokens": "-n"}  # short flags
 
     def __post_init__(self):
         require(self.max_new_tokens >= 1 and self.num_samples >= 1,
