@@ -62,6 +62,7 @@ class Config:
     seed: int = 0  # seed of the initial noise, of every sampling step and of the classifier
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: cuda, then mps, then cpu
     threads: int = 0  # CPU threads for torch (0: torch's default)
+    aliases = {"digit": "-d"}  # short flags
 
     def __post_init__(self):
         require(self.steps is None or self.steps >= 1, "--steps must be at least 1")

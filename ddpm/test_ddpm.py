@@ -474,6 +474,7 @@ def test_evaluate_trains_caches_and_scores(checkpoint, data_dir, tmp_path, capsy
     (["--eta", "inf"], "--eta must be a finite number"),
     (["--digit", "-1"], "--digit cannot be negative"),
     (["--digit", "10"], "--digit must be a class index in 0..9"),
+    (["-d", "12"], "--digit must be a class index in 0..9"),
     (["--grid", "../x.png"], "--grid is a file name in --out-dir"),
 ])
 def test_invalid_sample_flags_are_one_line_errors(checkpoint, argv, message, capsys):

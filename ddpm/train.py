@@ -72,7 +72,7 @@ class Config:
     batch_size: int = 64  # images per step (per process under torchrun)
     lr: float = 5e-4  # peak AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
-    warmup_steps: int = 100  # linear learning-rate warmup, then cosine decay to 0.1 x --lr
+    warmup_steps: int = 100  # linear learning-rate warmup, then cosine decay to 10% of --lr
     grad_clip: float = 1.0  # clip the gradient norm to this
     ema_decay: float = 0.995  # EMA decay of the weights sample.py uses
     # running
