@@ -351,8 +351,10 @@ def test_first_ctrl_c_ends_the_run_with_a_checkpoint(data_dir, tmp_path, monkeyp
 
 
 def test_same_seed_gives_the_same_run(data_dir, tmp_path):
+    previous = signal.getsignal(signal.SIGINT)
     runs = [run_train("pretrain", data_dir, tmp_path / name, "--epochs", "1", "--seed", seed)
             for name, seed in [("a", "3"), ("b", "3"), ("c", "4")]]
+    assert signal.getsignal(signal.SIGINT) == previous  # each run gave Ctrl-C back when it ended
     a, b, c = (load(r)["model"] for r in runs)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)

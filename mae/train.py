@@ -133,6 +133,7 @@ COLUMNS = {"pretrain": ["epoch", "step", "train_loss", "test_loss", "lr", "train
                         "images_per_s"]}
 COLUMNS["finetune"] = COLUMNS["linprobe"]
 RESUME_KEYS = ["config", "mode", "model", "optimizer", "step", "epoch", "partial", "rng", "seconds"]
+PARTIAL = ("order", "next", "loss_sum", "seen", "seconds")  # an epoch stopped in its middle
 
 
 def parse(argv=None):
@@ -269,6 +270,12 @@ def save(cfg, mode, env, model, optimizer, epoch, step, data_gen, partial=None, 
             "rng": rng_state(data_gen), "seconds": env.clock.seconds, "metrics": metrics})
 
 
+def stopped(cfg, env, step):
+    if env.rank == 0:
+        print(f"stopped at step {step} after {env.clock.seconds / 60:.1f} min; --resume "
+              f"{os.path.join(cfg.out_dir, 'ckpt.pt')} continues the run", file=sys.stderr)
+
+
 def fit(cfg, mode, env, model, trained, optimizer, train, loss_fn, evaluate, ckpt):
     """Train `trained` (the whole model, or the probe's head) on train = (x, y); `evaluate(last)`
     gives the metrics after each epoch; model is what ckpt.pt saves."""
@@ -288,19 +295,22 @@ def fit(cfg, mode, env, model, trained, optimizer, train, loss_fn, evaluate, ckp
     for epoch in range(epoch, cfg.epochs):
         trained.train()
         t0 = time.perf_counter()
-        order = partial["order"] if partial else torch.randperm(len(train_x), generator=data_gen)
-        first, loss_sum, seen, seconds = ((partial["next"], partial["loss_sum"], partial["seen"],
-                                           partial["seconds"]) if partial else (0, 0.0, 0, 0.0))
-        partial = None
+        if partial:  # resume where a --max-minutes stop (or Ctrl-C) left this epoch
+            order, first, loss_sum, seen, seconds = (partial[k] for k in PARTIAL)
+            partial = None
+        else:
+            order = torch.randperm(len(train_x), generator=data_gen)
+            first, loss_sum, seen, seconds = 0, 0.0, 0, 0.0
         perm = order[:len(order) // env.world * env.world][env.rank::env.world]  # equal shards
         bar = tqdm(range(first, len(perm), cfg.batch_size), disable=env.rank > 0,
                    desc=f"{mode} epoch {epoch + 1}/{cfg.epochs}")
         for i in bar:
             if env.clock.done():  # out of time, or Ctrl-C: save where we are and stop
                 seconds += time.perf_counter() - t0
-                save(cfg, mode, env, model, optimizer, epoch, step, data_gen, partial=dict(
-                    order=order, next=i, loss_sum=loss_sum, seen=seen, seconds=seconds))
-                return
+                save(cfg, mode, env, model, optimizer, epoch, step, data_gen,
+                     partial=dict(zip(PARTIAL, (order, i, loss_sum, seen, seconds))))
+                bar.close()
+                return stopped(cfg, env, step)
             idx = perm[i:i + cfg.batch_size]
             xb, yb = train_x[idx].to(env.device), train_y[idx].to(env.device)  # get batch
             lr = lr_at(step, total_steps, cfg)
@@ -326,8 +336,8 @@ def fit(cfg, mode, env, model, trained, optimizer, train, loss_fn, evaluate, ckp
                 f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith(("loss", "acc"))) +
                 f", {metrics['images_per_s']:.0f} images/s", file=sys.stderr)
         save(cfg, mode, env, model, optimizer, epoch + 1, step, data_gen, metrics=metrics)
-        if env.clock.done():
-            return
+        if env.clock.done() and epoch + 1 < cfg.epochs:
+            return stopped(cfg, env, step)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -416,9 +426,10 @@ def main(argv=None):
     clock = Clock(cfg.max_minutes, seconds=ckpt["seconds"] if ckpt is not None else 0.0)
     log = MetricsLog(cfg.out_dir, COLUMNS[mode], resume=ckpt is not None, project="mae",
                      wandb_config=dict(config_dict(cfg), mode=mode) if cfg.wandb else None,
-                     enabled=rank == 0)
+                     run_name=f"{mode}-{cfg.dataset}", enabled=rank == 0)
     env = SimpleNamespace(ddp=ddp, rank=rank, world=world, device=device, clock=clock, log=log)
     {"pretrain": pretrain, "linprobe": linprobe, "finetune": finetune}[mode](cfg, env, ckpt, init)
+    clock.close()
     log.close()
     teardown(ddp)
 
