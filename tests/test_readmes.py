@@ -132,10 +132,3 @@ def test_links_and_pictures_exist(readme):
         if not path.exists():
             missing.append(target)
     assert missing == []
-
-
-def test_readme_lines_fit_in_100_characters():
-    long = [f"{readme.relative_to(ROOT)}:{i}" for readme in READMES
-            for i, line in enumerate(readme.read_text().splitlines(), 1)
-            if len(line) > 100 and not line.startswith("|")]
-    assert long == []
