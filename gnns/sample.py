@@ -163,8 +163,7 @@ def draw_training(ckpts, names, path):
 
 def main(argv=None):
     cfg = parse_config(SampleConfig, argv)
-    device = pick_device(cfg.device)
-    device = torch.device("cpu") if device.type == "mps" else device  # CSR products untested there
+    device = pick_device(cfg.device, mps=False)  # auto: CUDA, else CPU (CSR untested on MPS)
     keys = ["config", "model_args", "model", "step", "train_state"]
     ckpts = [load_checkpoint(path, "gnns", keys=keys) for path in cfg.checkpoint]
     if cfg.eval:

@@ -403,10 +403,9 @@ def train_images(cfg, device, clock, ckpt=None):
 
 def main(argv=None):
     cfg = parse_config(Config, argv)
-    ddp, _, _, device = setup(cfg)
+    ddp, _, _, device = setup(cfg, mps=False)  # auto: CUDA, else CPU (CSR untested on MPS)
     if ddp:
         sys.exit("error: gnns/ trains in one process; run it without torchrun")
-    device = torch.device("cpu") if device.type == "mps" else device  # CSR products untested there
     ckpt = load_checkpoint(cfg.resume, "gnns", keys=CHECKPOINT_KEYS) if cfg.resume else None
     clock = Clock(cfg.max_minutes, seconds=ckpt["seconds"] if ckpt else 0.0)
     finished = True
