@@ -345,7 +345,8 @@ def test_max_minutes_stops_on_the_clock_annealed_with_a_resumable_checkpoint(mni
     lrs = [float(r["lr"]) for r in rows]
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] < 0.25 * 3e-3  # the cosine ran on the clock
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert ckpt["step"] == int(rows[-1]["step"]) and 1.8 <= ckpt["seconds"] < 1.8 + 5
+    assert ckpt["step"] == int(rows[-1]["step"]) < 1000 * 16  # stopped early, resumable
+    assert 1.0 < ckpt["seconds"] < 1.8 + 5  # the clock, as --resume will carry it on
 
 
 @pytest.mark.parametrize("dataset", ["fashion_mnist", "cifar10"])
