@@ -161,14 +161,18 @@ def gpt2_byte_characters():
 
 
 def byte_tokens(tokenizer):
-    """Ids of a tokenizer's 256 single-byte tokens (byte-level BPE, or byte fallback)."""
-    vocab = tokenizer.get_vocab()
+    """Ids of 256 distinct tokens for the 256 byte values: each byte's own single-byte token
+    (byte-level BPE, or byte fallback). A byte the vocabulary has no token for (SmolLM2 lacks 21,
+    bytes that are rare or impossible in UTF-8 text) borrows one of the last ordinary tokens."""
+    vocab, special = tokenizer.get_vocab(), set(tokenizer.all_special_ids)
     for names in [gpt2_byte_characters(), [f"<0x{b:02X}>" for b in range(256)]]:
         ids = [vocab.get(name) for name in names]
-        if None not in ids and len(set(ids)) == 256:
-            return ids
-    raise CompressionError("--hf-bytes needs a tokenizer with a token for each of the 256 bytes "
-                           "(byte-level BPE or byte fallback); this one has none")
+        if ids.count(None) <= 32:  # a byte-level vocabulary, perhaps with a few gaps
+            spare = (i for i in sorted(vocab.values(), reverse=True)
+                     if i not in special and i not in ids)
+            return [i if i is not None else next(spare) for i in ids]
+    raise CompressionError("--hf-bytes needs a tokenizer with a token for (nearly) each of the 256 "
+                           "bytes (byte-level BPE or byte fallback); this one has none")
 
 
 def load_model(cfg, device):
@@ -180,17 +184,18 @@ def load_model(cfg, device):
         transformers.logging.disable_progress_bar()
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.hf_model)
-            hf = transformers.AutoModelForCausalLM.from_pretrained(cfg.hf_model, dtype=dtype)
+            hf = transformers.AutoModelForCausalLM.from_pretrained(cfg.hf_model).to(dtype)
         except Exception as e:
             raise CompressionError(f"cannot load Hugging Face model {cfg.hf_model!r} from a local "
                                    f"folder, the cache or the Hub ({type(e).__name__}); check the "
                                    f"name or your network")
-        start = (tokenizer.convert_tokens_to_ids(cfg.start_token) if cfg.start_token else
+        start = (tokenizer.get_vocab().get(cfg.start_token) if cfg.start_token else
                  tokenizer.bos_token_id if tokenizer.bos_token_id is not None else
                  tokenizer.eos_token_id)
-        if start is None or start == tokenizer.unk_token_id and cfg.start_token:
-            raise CompressionError(f"{cfg.hf_model} has no start token {cfg.start_token or ''} "
-                                   f"(neither BOS nor EOS); name one with --start-token")
+        if start is None:
+            raise CompressionError(f"{cfg.hf_model} has no token {cfg.start_token!r}" if
+                                   cfg.start_token else f"{cfg.hf_model} has neither a BOS nor an "
+                                   f"EOS token to start a context with; name one: --start-token")
         tokens = byte_tokens(tokenizer) if cfg.hf_bytes else None
         lm = lm_model.HFModel(hf, start, cfg.window or None, tokens)
         note = cfg.model_note or model_card_licence(cfg.hf_model)
@@ -481,8 +486,8 @@ def bench(paths, lm, tokenizer, model_id, note, cfg, png_width=0):
                      "stored": "yes" if blob[5] == STORED else "no", "model_bytes": size,
                      "chunk_size": cfg.chunk_size, "window": lm.block_size, "dtype": cfg.dtype,
                      "device": lm_model.device_of(lm).type, "threads": torch.get_num_threads(),
-                     "batch_size": cfg.batch_size, "encode_s": round(encode_s, 2),
-                     "decode_s": round(decode_s, 2), "exact": "yes" if exact else "NO",
+                     "batch_size": cfg.batch_size, "encode_s": round(encode_s, 4),
+                     "decode_s": round(decode_s, 4), "exact": "yes" if exact else "NO",
                      "load": round(max(load, os.getloadavg()[0]), 2),
                      **classical_sizes(data, png_width)})
     print_table(rows)
@@ -511,7 +516,7 @@ def print_table(rows):
                  r["ours_bytes"], f"{r['ours_bytes'] / n:.3f}", f"{8 * r['ours_bytes'] / n:.2f}",
                  f"{(r['ours_bytes'] + r['model_bytes']) / n:.1f}",
                  *(f"{r[k] / n:.3f}" for k in ["gzip -9", "bzip2 -9", "xz -9e", "PNG"]),
-                 f"{r['raw_bytes'] / r['encode_s']:,.0f}", f"{r['raw_bytes'] / r['decode_s']:,.0f}",
+                 *(f"{r['raw_bytes'] / max(r[k], 1e-4):,.0f}" for k in ["encode_s", "decode_s"]),
                  r["exact"], r["load"]]
         print("| " + " | ".join(str(c) for c in cells) + " |")
 
@@ -569,16 +574,19 @@ def write_images(dataset, count, cfg):
 
 
 def crossover(text_path, file_name, bench_path, cfg):
-    """Rate against data size N: each model's raw rate (measured on `file_name`) and adjusted rate
-    (rate + model size / N) beside the classical compressors measured on prefixes of `text_path`."""
+    """Rate against data size N: each model's raw rate (bench.csv's rows for `file_name`, this
+    --chunk-size and --dtype) and adjusted rate (rate + model size / N), beside the classical
+    compressors measured on prefixes of `text_path`."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     if not os.path.isfile(bench_path):
         raise CompressionError(f"{bench_path} not found: run bench first")
-    rows = [r for r in csv.DictReader(open(bench_path)) if r["file"] == file_name]
+    rows = [r for r in csv.DictReader(open(bench_path)) if r["file"] == file_name and
+            int(r["chunk_size"]) == cfg.chunk_size and r["dtype"] == cfg.dtype]
     if not rows:
-        raise CompressionError(f"{bench_path} has no rows for {file_name}")
+        raise CompressionError(f"{bench_path} has no rows for {file_name} with --chunk-size "
+                               f"{cfg.chunk_size} and --dtype {cfg.dtype}")
     text = read_file(text_path)
     sizes = [n for n in (2 ** k for k in range(11, 40)) if n < len(text)] + [len(text)]
     measured = {name: [classical_sizes(text[:n])[name] / n for n in sizes]
@@ -591,9 +599,11 @@ def crossover(text_path, file_name, bench_path, cfg):
         plt.plot([sizes[-1], far], [rates[-1]] * 2, ":", color=line.get_color(), lw=1)
     best = min(rates[-1] for rates in measured.values())
     grid = [10 ** (k / 10) for k in range(30, 121)]
-    for r in {(r["model"], r["chunk_size"]): r for r in rows}.values():
+    for r in {r["model"]: r for r in rows}.values():  # the last row of each model
         rate, size = int(r["ours_bytes"]) / int(r["raw_bytes"]), int(r["model_bytes"])
-        label = f"{r['model'].split('/')[-1]}, chunks {r['chunk_size'] or 'none'}"
+        name = ("our byte model" if r["model"].startswith(FOLDER) else
+                r["model"].removeprefix("hf:").rstrip("/").split("/")[-1])
+        label = f"{name}, chunks of {r['chunk_size']}" if cfg.chunk_size else f"{name}, one context"
         line, = plt.plot(grid, [rate] * len(grid), "--", lw=1, label=f"{label}: rate")
         plt.plot(grid, [rate + size / n for n in grid], "-", lw=2, color=line.get_color(),
                  label=f"{label}: adjusted ({size / 1e6:,.1f} MB of parameters)")
@@ -606,7 +616,9 @@ def crossover(text_path, file_name, bench_path, cfg):
                   f"{n:,.0f} bytes")
     plt.xscale("log")
     plt.yscale("log")
-    plt.ylim(0.1, 10)
+    plt.ylim(0.15, 10)
+    ticks = [0.2, 0.3, 0.5, 1, 2, 5, 10]
+    plt.yticks(ticks, [str(t) for t in ticks])
     plt.xlim(1e3, far)
     plt.xlabel("data size (bytes); dotted: extrapolated flat from the largest measurement")
     plt.ylabel("compressed size / raw size")
@@ -627,6 +639,7 @@ def main(argv=None):
     if args["command"] is None and cfg.to_float is None:
         sys.exit("error: give a command (compress, decompress, bench, curve, images, crossover) "
                  "or --to-float TEXT")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS on CUDA
     _, _, _, device = setup(cfg)
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:

@@ -362,6 +362,42 @@ def test_hf_bytes_codes_any_file_through_the_byte_tokens(hf_folder, tmp_path):
         sample.decompress(blob, text_lm, text_tokenizer, model_id)
 
 
+def test_start_token_can_be_named_and_is_part_of_the_arithmetic(hf_folder):
+    lm, tokenizer, model_id, _ = load(hf_folder)
+    assert lm.start_token == 0  # the tokenizer's BOS
+    vocab = tokenizer.tokenizer.get_vocab()
+    other = next(name for name, i in vocab.items() if i == 5)
+    lm_other, _, _, _ = load(hf_folder, "--start-token", other)
+    assert lm_other.start_token == 5
+    blob = sample.compress(TEXT.encode(), lm, tokenizer, model_id, 64, 4, False)
+    with pytest.raises(sample.CompressionError, match="--start-token"):
+        sample.decompress(blob, lm_other, tokenizer, model_id)
+    with pytest.raises(sample.CompressionError, match="has no token"):
+        load(hf_folder, "--start-token", "<no such token>")
+
+
+def test_bytes_missing_from_the_vocabulary_borrow_other_tokens():
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    gaps = sample.gpt2_byte_characters()[240:]  # a vocabulary without the bytes 240..255
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(), decoders.ByteLevel()
+    tok.train_from_iterator([TEXT], trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=[c for c in alphabet if c not in gaps],
+        special_tokens=["<|endoftext|>"]))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>")
+    ids = sample.byte_tokens(fast)
+    vocab = fast.get_vocab()
+    assert len(set(ids)) == 256 and all(vocab[c] == ids[b] for b, c in
+                                        enumerate(sample.gpt2_byte_characters()[:240]))
+    assert fast.convert_tokens_to_ids("<|endoftext|>") not in ids
+    lm = model.HFModel(tiny_llama(len(fast)), bos_id=0, byte_tokens=ids)
+    data = bytes(range(256)) * 2
+    blob = sample.compress(data, lm, sample.ByteTokenizer(), "gaps", 100, 8, False)
+    assert sample.decompress(blob, lm, sample.ByteTokenizer(), "gaps") == data
+
+
 def test_text_the_tokenizer_cannot_reproduce_is_refused_before_coding(tmp_path, monkeypatch):
     from tokenizers import normalizers
     tokenizer = sample.HFTokenizer(train_tokenizer(TEXT, normalizer=normalizers.Lowercase()))
@@ -582,6 +618,13 @@ def test_cli_compress_decompress_bench_curve_and_crossover(tmp_path, trained, ca
                  str(tmp_path / "out")])
     assert (tmp_path / "out").read_bytes() == src.read_bytes()
     assert os.path.getsize(tmp_path / "x.lmz") < len(src.read_bytes())
+    noise = tmp_path / "noise.bin"  # incompressible: stored, and decompressed without any model
+    noise.write_bytes(np.random.default_rng(2).bytes(3000))
+    sample.main(["--checkpoint", ckpt, "compress", str(noise), "-o", str(tmp_path / "n.lmz")])
+    sample.main(["--checkpoint", str(tmp_path / "absent.pt"), "decompress", str(tmp_path / "n.lmz"),
+                 "-o", str(tmp_path / "n.out")])
+    assert (tmp_path / "n.out").read_bytes() == noise.read_bytes()
+    assert os.path.getsize(tmp_path / "n.lmz") == 3000 + sample.STORED_HEADER
     out = ["--out-dir", str(tmp_path / "results")]
     sample.main(["--checkpoint", ckpt, *out, "bench", str(src)])
     assert "| in.txt |" in capsys.readouterr().out and "gzip -9" in open(
