@@ -328,3 +328,73 @@ def test_dataset_files_present_are_read_or_reported_corrupt(tmp_path, truncate):
     with pytest.raises(SystemExit) as excinfo:
         plumbing.load_image_dataset("mnist", tmp_path, train=True)
     assert "present but corrupt" in one_line_error(excinfo)
+
+
+# ---------------------------------------------------------------------------------- shipped models
+def test_export_drops_training_state_and_casts_weights(tmp_path):
+    src, dst = tmp_path / "ckpt.pt", tmp_path / "pretrained" / "small.pt"
+    weights = {"w": torch.randn(64, 64), "count": torch.tensor([3])}
+    save_good(src, model=weights, optimizer={"state": {0: torch.randn(64, 64)}},
+              rng={"torch": torch.get_rng_state()}, step=7)
+    size, digest = plumbing.export_checkpoint(src, dst, "bfloat16")
+    assert size == dst.stat().st_size < src.stat().st_size and digest == plumbing.sha256(dst)
+    small = plumbing.load_checkpoint(dst, "demo", keys=["model", "step"])
+    assert "optimizer" not in small and "rng" not in small and small["step"] == 7
+    assert small["model"]["w"].dtype == torch.bfloat16
+    assert small["model"]["count"].dtype == torch.long  # integers stay as they are
+    layer = torch.nn.Linear(64, 64, bias=False)  # loading casts back to the model's float32
+    layer.load_state_dict({"weight": small["model"]["w"]})
+    assert layer.weight.dtype == torch.float32
+    assert torch.equal(layer.weight, weights["w"].to(torch.bfloat16).float())
+
+
+def ship(tmp_path, monkeypatch, entry=None):
+    """A fake folder whose pretrained/ holds m.pt and its manifest."""
+    pretrained = tmp_path / "demo" / "pretrained"
+    pretrained.mkdir(parents=True)
+    save_good(pretrained / "m.pt", step=5)
+    fields = {key: "x" for key in plumbing.MANIFEST_KEYS}
+    fields.update(sha256=plumbing.sha256(pretrained / "m.pt"), **(entry or {}))
+    (pretrained / "manifest.json").write_text(plumbing.json.dumps({"m.pt": fields}))
+    monkeypatch.setattr(plumbing, "PRETRAINED", pretrained)
+    return pretrained
+
+
+def test_no_checkpoint_flag_loads_the_shipped_model_and_says_so(tmp_path, monkeypatch, capsys):
+    ship(tmp_path, monkeypatch)
+    assert plumbing.load_checkpoint("", "demo", shipped="m.pt")["step"] == 5
+    assert "using the shipped model demo/pretrained/m.pt" in capsys.readouterr().err
+    save_good(tmp_path / "mine.pt", step=9)  # --checkpoint still wins
+    assert plumbing.load_checkpoint(tmp_path / "mine.pt", "demo", shipped="m.pt")["step"] == 9
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("flipped byte", "does not match its recorded sha256"),
+        ("not listed", "other.pt is not listed in"),
+        ("no manifest", "cannot read the shipped models' manifest"),
+        ("bad manifest", "cannot read the shipped models' manifest"),
+        ("missing field", "lacks fields for ['m.pt']"),
+    ],
+)
+def test_bad_shipped_models_end_in_one_line(tmp_path, monkeypatch, case, expected):
+    pretrained = ship(tmp_path, monkeypatch)
+    name = "m.pt"
+    if case == "flipped byte":
+        data = bytearray((pretrained / "m.pt").read_bytes())
+        data[len(data) // 2] ^= 1
+        (pretrained / "m.pt").write_bytes(bytes(data))
+    elif case == "not listed":
+        name = "other.pt"
+    elif case == "no manifest":
+        (pretrained / "manifest.json").unlink()
+    elif case == "bad manifest":
+        (pretrained / "manifest.json").write_text("{not json")
+    elif case == "missing field":
+        manifest = plumbing.json.loads((pretrained / "manifest.json").read_text())
+        del manifest["m.pt"]["score"]
+        (pretrained / "manifest.json").write_text(plumbing.json.dumps(manifest))
+    with pytest.raises(SystemExit) as excinfo:
+        plumbing.load_checkpoint("", "demo", shipped=name)
+    assert expected in one_line_error(excinfo)

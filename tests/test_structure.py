@@ -236,3 +236,69 @@ def test_folder_works_when_copied_alone(tmp_path, folder):
     assert "--seed" in help_run.stdout
     tests = run_pytest(copy, "-x")
     assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------- shipped models
+MAX_FILE_BYTES, MAX_TOTAL_BYTES = 8 * 2**20, 30 * 2**20  # per shipped file, for all ten folders
+
+
+def shipped_model_problems(folder_dir):
+    """What is wrong with a folder's pretrained/: files and manifest.json must agree exactly."""
+    import hashlib
+    import json
+
+    pretrained = Path(folder_dir) / "pretrained"
+    if not pretrained.is_dir():
+        return ["no pretrained/ folder"]
+    try:
+        manifest = json.loads((pretrained / "manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        return [f"manifest.json unreadable ({type(e).__name__})"]
+    problems = [f"{p.name} is not in manifest.json" for p in sorted(pretrained.glob("*.pt"))
+                if p.name not in manifest]
+    for name, entry in manifest.items():
+        path = pretrained / name
+        if not path.is_file():
+            problems.append(f"{name} is listed but absent")
+            continue
+        data = path.read_bytes()
+        if entry.get("sha256") != hashlib.sha256(data).hexdigest():
+            problems.append(f"{name}: sha256 differs from manifest.json")
+        if entry.get("bytes") != len(data):
+            problems.append(f"{name}: size {len(data)} differs from manifest.json")
+        if len(data) > MAX_FILE_BYTES:
+            problems.append(f"{name}: {len(data)} bytes, over {MAX_FILE_BYTES}")
+        empty = [k for k in ("command", "commit", "data", "hardware", "training_time", "score")
+                 if not entry.get(k)]
+        if empty:
+            problems.append(f"{name}: manifest.json lacks {empty}")
+    return problems
+
+
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_shipped_models_match_their_manifest(folder):
+    if not (ROOT / folder / "pretrained").is_dir():
+        pytest.skip(f"{folder} ships no model yet")
+    assert shipped_model_problems(ROOT / folder) == []
+
+
+def test_shipped_models_fit_the_budget():
+    total = sum(p.stat().st_size for p in ROOT.glob("*/pretrained/*.pt"))
+    assert total <= MAX_TOTAL_BYTES, f"{total} bytes of shipped models, over {MAX_TOTAL_BYTES}"
+
+
+def test_shipped_model_check_can_fail(tmp_path):
+    import hashlib
+    import json
+
+    pretrained = tmp_path / "demo" / "pretrained"
+    pretrained.mkdir(parents=True)
+    (pretrained / "m.pt").write_bytes(b"weights")
+    entry = {k: "x" for k in ("command", "commit", "data", "hardware", "training_time", "score")}
+    entry.update(sha256=hashlib.sha256(b"weights").hexdigest(), bytes=7)
+    (pretrained / "manifest.json").write_text(json.dumps({"m.pt": entry}))
+    assert shipped_model_problems(tmp_path / "demo") == []
+    (pretrained / "m.pt").write_bytes(b"weightz")  # a changed file
+    (pretrained / "extra.pt").write_bytes(b"")  # an unlisted one
+    assert shipped_model_problems(tmp_path / "demo") == [
+        "extra.pt is not in manifest.json", "m.pt: sha256 differs from manifest.json"]

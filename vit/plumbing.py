@@ -8,6 +8,7 @@ Plain functions, in the order a train.py uses them; skip this file to read the m
     clock = Clock(cfg.max_minutes)              # wall-clock budget; Ctrl-C ends the run cleanly
     log = MetricsLog(out_dir, ["step", "loss"], resume=False, wandb_config=None)
     save_checkpoint(path, {...}); ckpt = load_checkpoint(path, "gpt", keys=["model"])
+    ckpt = load_checkpoint(cfg.checkpoint, "gpt", shipped="gpt_cpu.pt")  # "" -> pretrained/
     teardown(ddp)
 
 tests/test_structure.py checks that every folder's copy is byte-identical.
@@ -17,6 +18,7 @@ import csv
 import dataclasses
 import hashlib
 import inspect
+import json
 import math
 import os
 import pickle
@@ -244,9 +246,15 @@ def sha256(path):
 
 
 def load_checkpoint(path, folder, keys=("config", "model"), map_location="cpu",
-                    expected_sha256=None):
+                    expected_sha256=None, shipped=None):
     """A checkpoint written by `folder`'s scripts, loaded as plain data (weights_only=True), or
-    one line saying what is wrong: absent, a folder, unsafe, truncated, foreign or incomplete."""
+    one line saying what is wrong: absent, a folder, unsafe, truncated, foreign or incomplete.
+    With no `path` and a `shipped` name: the model committed in pretrained/, checked against the
+    sha256 in pretrained/manifest.json."""
+    if not path and shipped:
+        path, expected_sha256 = shipped_checkpoint(shipped)
+        print(f"using the shipped model {Path(folder) / 'pretrained' / shipped} "
+              f"(--checkpoint PATH for your own)", file=sys.stderr)
     path = Path(path)
     if path.is_dir():
         sys.exit(f"error: checkpoint {path} is a folder, not a file")
@@ -284,6 +292,58 @@ def config_from_checkpoint(cls, ckpt, path="checkpoint", **overrides):
         return cls(**{**stored, **overrides})
     except (TypeError, ValueError) as e:
         sys.exit(f"error: checkpoint {path} holds a config this code cannot use ({e})")
+
+
+# ---------------------------------------------------------------------------------- shipped models
+PRETRAINED = Path(__file__).resolve().parent / "pretrained"  # the folder's committed checkpoints
+MANIFEST_KEYS = ("sha256", "bytes", "dtype", "command", "export", "commit", "data", "hardware",
+                 "training_time", "score")
+
+
+def read_manifest(folder_dir=None):
+    """pretrained/manifest.json: {file name: {sha256, bytes, dtype, command, ..., score}}."""
+    path = Path(folder_dir or PRETRAINED.parent) / "pretrained" / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: cannot read the shipped models' manifest {path} ({type(e).__name__})")
+    bad = [name for name, entry in manifest.items()
+           if not isinstance(entry, dict) or set(MANIFEST_KEYS) - set(entry)]
+    if bad:
+        sys.exit(f"error: {path} lacks fields for {bad}; each entry needs {list(MANIFEST_KEYS)}")
+    return manifest
+
+
+def shipped_checkpoint(name):
+    """The path of pretrained/NAME and the sha256 its manifest records for it."""
+    manifest = read_manifest()
+    if name not in manifest:
+        sys.exit(f"error: {name} is not listed in {PRETRAINED / 'manifest.json'}")
+    return PRETRAINED / name, manifest[name]["sha256"]
+
+
+def export_checkpoint(src, dst, dtype="bfloat16", drop=("optimizer", "rng")):
+    """A run's checkpoint made small enough to commit: the training state (optimizer, RNG) dropped
+    and every floating-point tensor stored as `dtype`. Loading casts the weights back."""
+    try:
+        ckpt = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as e:
+        sys.exit(f"error: checkpoint {src} cannot be loaded ({type(e).__name__})")
+    cast = getattr(torch, dtype)
+
+    def convert(value):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.to(cast)
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(convert(v) for v in value)
+        return value
+
+    small = {k: convert(v) for k, v in ckpt.items() if k not in drop}
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(dst, small)
+    return Path(dst).stat().st_size, sha256(dst)
 
 
 # ------------------------------------------------------------------------------------------ logging
@@ -455,3 +515,18 @@ def agree(value, collective):
     tensor = torch.tensor([value], device="cuda" if dist.get_backend() == "nccl" else "cpu")
     collective(tensor)
     return tensor.item()
+
+
+if __name__ == "__main__":  # python FOLDER/plumbing.py export RUN/ckpt.pt FOLDER/pretrained/NAME.pt
+    cli = argparse.ArgumentParser(description="Export a run's checkpoint for shipping: no "
+                                  "optimizer or RNG state, floating-point tensors in --dtype.")
+    cli.add_argument("command", choices=["export"])
+    cli.add_argument("src", help="the run's checkpoint")
+    cli.add_argument("dst", help="where to write the small copy (e.g. FOLDER/pretrained/NAME.pt)")
+    cli.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    cli.add_argument("--drop", nargs="*", default=["optimizer", "rng"], help="keys left out")
+    args = cli.parse_args()
+    if not Path(args.src).is_file():
+        cli.error(f"{args.src} is not a file")
+    size, digest = export_checkpoint(args.src, args.dst, args.dtype, args.drop)
+    print(f"{args.dst}: {size:,} bytes, {args.dtype}, sha256 {digest}")
