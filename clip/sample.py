@@ -1,8 +1,13 @@
 """Use a trained CLIP checkpoint: zero-shot classification, text -> image search, caption ranking.
 
-    python sample.py --zero-shot                     # held-out prompts: accuracy + confusion matrix
-    python sample.py --search "a handwritten four"  # top-k test images -> runs/clip/clip_search.png
-    python sample.py --image-index 0                # rank candidate captions for test image 0
+    python clip/sample.py                                # the shipped model, held-out prompts:
+                                                         # zero-shot accuracy, confusion matrix
+    python clip/sample.py --search "a handwritten four"  # top-k test images: clip_search.png
+    python clip/sample.py --image-index 0                # rank captions for test image 0
+    python clip/sample.py --checkpoint runs/clip/ckpt.pt # your own run instead
+
+Without --checkpoint the model shipped in pretrained/clip_mnist.pt is used (its sha256 checked
+against pretrained/manifest.json). Pictures go to --out-dir only.
 """
 import os
 import sys
@@ -29,13 +34,15 @@ from train import (
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
+SHIPPED = "clip_mnist.pt"  # pretrained/clip_mnist.pt, listed in pretrained/manifest.json
+
 
 @dataclass
 class Config:
     """Zero-shot classification, text search and caption ranking with a trained CLIP."""
-    checkpoint: str = "runs/clip/ckpt.pt"  # checkpoint written by train.py
+    checkpoint: str = ""  # a train.py checkpoint ("": the shipped pretrained/clip_mnist.pt)
     # one of three modes
-    zero_shot: bool = False  # classify the test split with prompt ensembles; a confusion matrix
+    zero_shot: bool = False  # classify the test split with prompt ensembles (the default mode)
     search: str | None = None  # retrieve the top-k test images for this text query
     image_index: int | None = None  # rank candidate captions for this test image
     # their options
@@ -48,7 +55,8 @@ class Config:
 
     def __post_init__(self):
         modes = [self.zero_shot, self.search is not None, self.image_index is not None]
-        require(sum(modes) == 1, "give one of --zero-shot, --search TEXT, --image-index I")
+        require(sum(modes) <= 1, "give one of --zero-shot, --search TEXT, --image-index I")
+        self.zero_shot = self.zero_shot or not any(modes)
         require(self.k >= 1, "--k must be >= 1")
         require(self.captions != (), "--captions needs at least one caption")
 
@@ -121,7 +129,8 @@ def plot_search(query, images, scores, labels, class_names, path):
 @torch.no_grad()
 def main(argv=None):
     cfg = parse_config(Config, argv)
-    ckpt = load_checkpoint(cfg.checkpoint, "clip", keys=["config", "model", "vocab"])
+    ckpt = load_checkpoint(cfg.checkpoint, "clip", keys=["config", "model", "vocab"],
+                           shipped=SHIPPED)
     config = ckpt["config"]
     tokenizer = CharTokenizer(config["context_length"], ckpt["vocab"])
     # Check the user's text before any work is done.
