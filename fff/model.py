@@ -5,7 +5,7 @@ and 2^d leaves that are small feed-forward networks. Training mixes all leaves, 
 probability of the path to each (soft); inference walks one path and runs one leaf (hard), so its
 cost grows with d, not with the 2^d leaves. Nodes are stored in heap order: node i has children
 2i+1 (left) and 2i+2 (right), the nodes of level k are 2^k - 1 ... 2^(k+1) - 2, and leaf j is
-reached from heap index 2^d - 1 + j.
+reached from heap index 2^d - 1 + j. Equation numbers (Eq. 1-5) are those of fff/README.md.
 """
 import torch
 import torch.nn as nn
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 
 def bernoulli_entropy(logits):
-    """H(c) = -c log c - (1 - c) log(1 - c) for c = sigmoid(logits), computed stably from logits."""
+    """H(c) = -c log c - (1 - c) log(1 - c) for c = sigmoid(logits), stably from logits (Eq. 4)."""
     c = torch.sigmoid(logits)
     return c * F.softplus(-logits) + (1 - c) * F.softplus(logits)
 
@@ -54,12 +54,12 @@ class FFF(nn.Module):
 
     def mixture(self, logits):
         """Path probabilities of all leaves: products of the decisions on the way down (sum 1)."""
-        c = torch.sigmoid(logits)  # (B, nodes)
+        c = torch.sigmoid(logits)  # (B, nodes), c_n(x), Eq. 1
         path = torch.ones_like(c[:, :1])  # (B, 1): the root is reached with probability 1
         for k in range(self.depth):  # level k: nodes 2^k - 1 ... 2^(k+1) - 2
             c_k = c[:, 2**k - 1 : 2 ** (k + 1) - 1]  # (B, 2^k)
-            path = torch.stack([path * (1 - c_k), path * c_k], dim=-1).flatten(1)  # (B, 2^(k+1))
-        return path  # (B, leaves)
+            path = torch.stack([path * (1 - c_k), path * c_k], dim=-1).flatten(1)  # Eq. 2
+        return path  # (B, leaves), P(j | x)
 
     def leaf_outputs(self, x):
         h = F.relu(torch.einsum("bi,lih->blh", x, self.leaf_w1) + self.leaf_b1)  # (B, leaves, hid)
@@ -75,9 +75,9 @@ class FFF(nn.Module):
         logits = self.node_logits(x)  # (B, nodes)
         if transposition_prob > 0:
             flip = torch.rand_like(logits) < transposition_prob
-            logits = torch.where(flip, -logits, logits)  # sigmoid(-z) = 1 - sigmoid(z): l <-> r
+            logits = torch.where(flip, -logits, logits)  # c -> 1 - c: l <-> r, Eq. 5
         weights = self.mixture(logits)  # (B, leaves)
-        y = torch.einsum("bl,blo->bo", weights, self.leaf_outputs(x))  # (B, output)
+        y = torch.einsum("bl,blo->bo", weights, self.leaf_outputs(x))  # (B, output), Eq. 2
         return y, logits
 
     def leaf_index(self, x):
@@ -87,14 +87,14 @@ class FFF(nn.Module):
             w1, b1 = self.node_w1[node], self.node_b1[node]  # gathered: (B, in, node_width), (B, .)
             h = F.relu(torch.bmm(x.unsqueeze(1), w1).squeeze(1) + b1)  # (B, node_width)
             logit = torch.bmm(h.unsqueeze(1), self.node_w2[node]).view(-1) + self.node_b2[node, 0]
-            node = 2 * node + 1 + (logit > 0).long()  # right when c = sigmoid(logit) > 1/2
+            node = 2 * node + 1 + (logit > 0).long()  # right when c > 1/2, Eq. 3
         return node - self.num_nodes  # (B,) leaf index in 0 .. 2^d - 1
 
     @torch.no_grad()
     def forward_hard(self, x):
         """Hard (inference) forward: run only the leaf at the end of each sample's path: O(d), not
         O(2^d)."""
-        leaf = self.leaf_index(x)  # (B,)
+        leaf = self.leaf_index(x)  # (B,), F_hard(x) = L_leaf(x)(x), Eq. 3
         w1, b1 = self.leaf_w1[leaf], self.leaf_b1[leaf]  # gathered: (B, in, leaf_width), (B, .)
         h = F.relu(torch.bmm(x.unsqueeze(1), w1).squeeze(1) + b1)  # (B, leaf_width)
         return torch.bmm(h.unsqueeze(1), self.leaf_w2[leaf]).squeeze(1) + self.leaf_b2[leaf]
@@ -102,7 +102,7 @@ class FFF(nn.Module):
 
 def hardening_loss(logits):
     """The paper's hardening penalty: the batch-mean entropy of each node's decision, summed over
-    the nodes."""
+    the nodes (Eq. 4)."""
     return bernoulli_entropy(logits).mean(dim=0).sum()
 
 

@@ -1,10 +1,14 @@
 """Use a trained FFF: test accuracy (soft vs hard), where samples go in the tree, inference speed.
 
-    python fff/sample.py --eval                      # soft and hard test accuracy, runs/fff/ckpt.pt
+    python fff/sample.py                             # the shipped model: soft and hard accuracy
     python fff/sample.py --leaves                    # runs/fff/fff_leaves.png: samples per leaf
     python fff/sample.py --leaves --out-dir images   # the README's picture, images/fff_leaves.png
+    python fff/sample.py --eval --checkpoint runs/fff/ckpt.pt   # your own run instead
     python fff/sample.py --benchmark                 # FFF hard inference vs the two dense baselines
     python fff/sample.py --benchmark --node-width 1 --compile   # single-neuron nodes, compiled
+
+Without --checkpoint, --eval and --leaves use the model shipped in pretrained/fff_mnist.pt (its
+sha256 checked against pretrained/manifest.json). With no flag at all, --eval is meant.
 """
 import os
 import sys
@@ -30,12 +34,14 @@ from plumbing import (
 from train import Config as TrainConfig
 from train import build_model, evaluate, load_split
 
+SHIPPED = "fff_mnist.pt"  # pretrained/fff_mnist.pt, listed in pretrained/manifest.json
+
 
 @dataclass
 class Config:
     """Use a trained FFF: soft and hard test accuracy, samples per leaf, hard-inference speed."""
-    checkpoint: str = "runs/fff/ckpt.pt"  # checkpoint written by train.py (--eval, --leaves)
-    eval: bool = False  # print soft and hard test accuracy
+    checkpoint: str = ""  # a train.py checkpoint ("": the shipped pretrained/fff_mnist.pt)
+    eval: bool = False  # print soft and hard test accuracy (the default when no mode is given)
     leaves: bool = False  # plot how test samples spread over the leaves (OUT_DIR/fff_leaves.png)
     benchmark: bool = False  # time hard inference against the dense baselines (needs no checkpoint)
     depths: tuple[int, ...] = (3, 6, 9)  # tree depths for --benchmark
@@ -49,8 +55,7 @@ class Config:
     seed: int = 0  # seed for the benchmark's random weights and inputs
 
     def __post_init__(self):
-        require(self.eval or self.leaves or self.benchmark,
-                "nothing to do: pass --eval, --leaves and/or --benchmark")
+        self.eval = self.eval or not (self.leaves or self.benchmark)
         require(min(self.depths + self.batch_sizes + (self.leaf_width, self.node_width)) >= 1,
                 "--depths, --batch-sizes, --leaf-width and --node-width must be positive")
 
@@ -119,7 +124,8 @@ def main(argv=None):
     cfg = parse_config(Config, argv)
     if cfg.eval or cfg.leaves:
         device = pick_device(cfg.device)
-        ckpt = load_checkpoint(cfg.checkpoint, "fff", keys=["config", "model", "step"])
+        ckpt = load_checkpoint(cfg.checkpoint, "fff", keys=["config", "model", "step"],
+                               shipped=SHIPPED)
         train_cfg = config_from_checkpoint(TrainConfig, ckpt, cfg.checkpoint)
         if cfg.leaves and train_cfg.model != "fff":
             sys.exit("error: --leaves needs an FFF checkpoint (this one is a dense baseline)")

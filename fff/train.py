@@ -171,7 +171,7 @@ def main(argv=None):
         loss = F.cross_entropy(logits, y_train[idx])  # L_pred
         harden = hardening_loss(node_logits) if node_logits is not None else torch.zeros(())
         optimizer.zero_grad(set_to_none=True)
-        (loss + h * harden).backward()  # L = L_pred + h * L_harden
+        (loss + h * harden).backward()  # L = L_pred + h * L_harden, Eq. 4
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * cosine(step / total_steps)
         optimizer.step()
