@@ -1,8 +1,9 @@
 """Evaluate a trained PPO agent and record a GIF of one episode.
 
-    python sample.py                             # runs/ppo/ckpt.pt: 100 deterministic episodes, GIF
-    python sample.py --stochastic --episodes 20  # sample the policy's actions instead of its mode
-    python sample.py --out-dir ../images         # regenerate the README's GIF (ppo_cartpole.gif)
+    python ppo/sample.py                             # the shipped policy: 100 episodes, a GIF
+    python ppo/sample.py --checkpoint runs/ppo/ckpt.pt  # your own run
+    python ppo/sample.py --stochastic --episodes 20  # sample the policy's actions, not its mode
+    python ppo/sample.py --out-dir images            # the README's GIF, images/ppo_cartpole.gif
 """
 import os
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from train import act, evaluate
 @dataclass
 class Config:
     """Evaluate a trained PPO agent and record a GIF of one episode."""
-    checkpoint: str = "runs/ppo/ckpt.pt"  # checkpoint written by train.py
+    checkpoint: str = ""  # checkpoint written by train.py ('': the shipped CartPole policy)
     episodes: int = 100  # evaluation episodes, one per environment, run side by side
     stochastic: bool = False  # sample actions instead of taking the policy's mode
     seed: int = 12345  # seed of the evaluation environments and of torch
@@ -62,7 +63,8 @@ def record_gif(agent, env_id, path, seed, device="cpu", deterministic=True, scal
 
 def main(argv=None):
     cfg = parse_config(Config, argv)
-    ckpt = load_checkpoint(cfg.checkpoint, "ppo", keys=["config", "model_args", "model", "step"])
+    ckpt = load_checkpoint(cfg.checkpoint, "ppo", keys=["config", "model_args", "model", "step"],
+                           shipped="cartpole.pt")
     _, _, _, device = setup(cfg)  # seeds torch (and Python, NumPy); the device
     agent = Agent(**ckpt["model_args"]).to(device)
     agent.load_state_dict(ckpt["model"])

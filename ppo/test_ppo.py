@@ -361,3 +361,28 @@ def test_command_line_errors_have_no_traceback(tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "unknown --env-id" in result.stderr.strip().splitlines()[-1]
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------ the shipped policy
+def test_shipped_policy_balances_cartpole():
+    """pretrained/cartpole.pt, as `python ppo/sample.py` loads it: measured 500.0 (the time limit)
+    in each of these 10 deterministic episodes (seed 12345, as in all 100 of sample.py's default);
+    the test asks for a mean of at least 475, CartPole-v1's "solved" threshold, and no episode
+    longer than the limit (an evaluation that ran past a truncation would score more)."""
+    returns = sample.main(["--episodes", "10", "--no-gif"])
+    assert returns.shape == (10,)
+    assert returns.mean() >= 475 and returns.max() <= 500, returns
+
+
+def test_a_corrupted_shipped_policy_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    shipped = os.path.join(HERE, "pretrained")
+    pretrained = tmp_path / "pretrained"
+    pretrained.mkdir()
+    (pretrained / "manifest.json").write_bytes(open(os.path.join(shipped, "manifest.json"),
+                                                    "rb").read())
+    data = bytearray(open(os.path.join(shipped, "cartpole.pt"), "rb").read())
+    data[len(data) // 2] ^= 1  # one bit flipped
+    (pretrained / "cartpole.pt").write_bytes(bytes(data))
+    monkeypatch.setitem(sample.load_checkpoint.__globals__, "PRETRAINED", pretrained)
+    message = one_line_error(capsys, sample.main, ["--episodes", "1", "--no-gif"])
+    assert "does not match its recorded sha256" in message
