@@ -1,6 +1,6 @@
 """Use a trained ViT: classify test images, evaluate the whole test split, draw predictions and
-the attention rollout. Pictures go to --out-dir (`--out-dir images` from the repo root regenerates
-the README's).
+the attention rollout. With no --checkpoint it uses the model shipped in pretrained/ (MNIST).
+Pictures go to --out-dir (`--out-dir images` from the repo root regenerates the README's).
 
     python sample.py                      # classify 16 test images, write vit_predictions.png
     python sample.py --eval               # also the accuracy on the whole test split
@@ -34,7 +34,7 @@ from train import Config, evaluate, model_config  # noqa: E402
 @dataclass
 class SampleConfig:
     """Use a trained ViT: classify test images, evaluate the test split, draw attention rollout."""
-    checkpoint: str = "runs/vit/best.pt"  # a checkpoint written by train.py (best.pt or ckpt.pt)
+    checkpoint: str = ""  # a checkpoint of train.py (best.pt, ckpt.pt); "": the shipped model
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: cuda, then mps, then cpu
     data_dir: str = os.environ.get("DATA_DIR", "data")  # where datasets live ($DATA_DIR, else data)
     out_dir: str = "runs/vit"  # the pictures vit_predictions.png and vit_attention.png go here
@@ -44,6 +44,19 @@ class SampleConfig:
 
     def __post_init__(self):
         require(self.num_images >= 1, "--num-images must be at least 1")
+
+
+SHIPPED = "vit_mnist.pt"  # pretrained/vit_mnist.pt: the MNIST model of the README's results
+
+
+def load_model(checkpoint, device):
+    """The ViT of a checkpoint (the shipped one when `checkpoint` is ""), rebuilt from the Config
+    stored in it, in eval mode; with that Config and the class names."""
+    ckpt = load_checkpoint(checkpoint, "vit", keys=["config", "model", "classes"], shipped=SHIPPED)
+    cfg = config_from_checkpoint(Config, ckpt, checkpoint or SHIPPED)  # the run's config
+    model = ViT(**model_config(cfg)).to(device)
+    model.load_state_dict(ckpt["model"])  # bfloat16 weights (the shipped file) become float32
+    return model.eval(), cfg, ckpt["classes"]
 
 
 def show(ax, image, dataset):
@@ -110,12 +123,8 @@ def save(fig, path):
 def main(argv=None):
     args = parse_config(SampleConfig, argv)
     device = pick_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint, "vit", keys=["config", "model", "classes"])
-    cfg = config_from_checkpoint(Config, ckpt, args.checkpoint)  # the run's config, from the file
-    model = ViT(**model_config(cfg)).to(device)
-    model.load_state_dict(ckpt["model"])
-    model.eval()
-    out_dir, classes = make_out_dir(args.out_dir), ckpt["classes"]
+    model, cfg, classes = load_model(args.checkpoint, device)
+    out_dir = make_out_dir(args.out_dir)
     images, labels, _ = load_image_dataset(cfg.dataset, args.data_dir, train=False)
 
     first, first_labels = images[:args.num_images], labels[:args.num_images]
