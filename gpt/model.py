@@ -2,8 +2,9 @@
 (Radford et al., 2018).
 
 Read bottom-up, in the paper's order: scaled dot-product attention (Eq. 1), multi-head causal
-self-attention, the position-wise feed-forward network, the pre-LayerNorm block, then the model with
-its embeddings, weight tying and key/value-cached generation. A tiny character tokenizer sits at the
+self-attention, the position-wise feed-forward network (Eq. 2), the pre-LayerNorm block, then the
+model with its embeddings and weight tying (GPT's Eq. 2), its loss (GPT's Eq. 1) and
+key/value-cached generation. A tiny character tokenizer sits at the
 end. The module names are nanoGPT's (wte, wpe, h, ln_1, attn.c_attn, attn.c_proj, ln_2, mlp.c_fc,
 mlp.c_proj, ln_f, lm_head).
 Shapes: B batch, T time (characters), C channels (n_embd), H heads, D = C / H per head,
@@ -40,7 +41,7 @@ def causal_mask(t_query, t_key, device=None):
 def explicit_attention(q, k, v, mask=None, dropout_p=0.0):
     """Eq. 1 of Vaswani et al., written out: softmax(Q K^T / sqrt(d_k) + mask) V.
     The reference that the fused path is tested against."""
-    att = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))           # (B, H, Tq, Tk)
+    att = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))           # (B, H, Tq, Tk), Eq. 1
     if mask is not None:
         att = att.masked_fill(~mask, float("-inf"))  # a future key gets weight exp(-inf) = 0
     att = F.softmax(att, dim=-1)
@@ -82,7 +83,8 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if self.fused:
             if T == k.size(2):  # no cached past: the plain causal mask, built by the flash kernels
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p,
+                                                   is_causal=True)  # Eq. 1, fused
             else:  # one new query sees every cached key; several need the shifted mask
                 mask = None if T == 1 else causal_mask(T, k.size(2), x.device)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
@@ -103,7 +105,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))  # Eq. 2 of Vaswani et al.
 
 
 class Block(nn.Module):
@@ -153,12 +155,13 @@ class GPT(nn.Module):
         B, T = idx.shape
         assert start + T <= self.config.block_size, f"position {start + T - 1} >= block_size"
         pos = torch.arange(start, start + T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))                # (B, T, C)
+        x = self.drop(self.wte(idx) + self.wpe(pos))                # h_0 (B, T, C), GPT Eq. 2
         for i, block in enumerate(self.h):
             x = block(x, None if cache is None else cache[i], start)
-        logits = self.lm_head(self.ln_f(x))                         # (B, T, V)
+        logits = self.lm_head(self.ln_f(x))      # (B, T, V), GPT Eq. 2: h_n W_e^T, tied
         if targets is None:
             return logits, None
+        # GPT Eq. 1: minus the mean log-likelihood of each next character (nats)
         return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
     def configure_optimizer(self, weight_decay, lr, betas, device_type):

@@ -1,7 +1,10 @@
-"""Generate text from a checkpoint of gpt/train.py, streaming characters to the terminal as they
-come.
+"""Generate text from a checkpoint of gpt/train.py (by default the shipped model,
+pretrained/shakespeare_cpu.pt), streaming characters to the terminal as they come.
 
+    python gpt/sample.py -p "ROMEO:"                      # the shipped model, no dataset needed
     python gpt/sample.py --prompt "QUEEN" --max-new-tokens 500 --num-samples 5 --seed 0
+    python gpt/sample.py --checkpoint runs/gpt/best.pt    # your own run
+    python gpt/sample.py --val-loss                       # loss on the validation split (DATA_DIR)
     python gpt/sample.py --out gpt/generated.txt          # also write all samples to a file
     python gpt/sample.py --benchmark                      # tokens/s with and without the KV cache
     python gpt/sample.py --plot runs/gpt --out-dir images # loss curves -> images/gpt_loss.png
@@ -18,18 +21,16 @@ import torch
 
 from model import GPT, CharTokenizer, GPTConfig
 from plumbing import load_checkpoint, make_out_dir, parse_config, pick_device, require
-from train import load_weights
+from train import Config as TrainConfig
+from train import load_data, load_weights
 
-# nanoGPT's CPU "baby" config (4 layers, 4 heads, 128 wide, block 64, batch 12) measured on our
-# 2-core machine when it was quiet (issue 4): validation loss after 86 s and after 8 minutes.
-# Reference points on the loss plot.
-NANOGPT_BABY_CPU = [(86, 1.886), (480, 1.499)]
+SHIPPED = "shakespeare_cpu.pt"  # in pretrained/, listed with its sha256 in pretrained/manifest.json
 
 
 @dataclass
 class Config:
     """Generate text from a checkpoint of gpt/train.py (or, with --plot, draw loss curves)."""
-    checkpoint: str = "runs/gpt/best.pt"  # checkpoint written by train.py
+    checkpoint: str = ""  # checkpoint written by train.py ("": the shipped model)
     prompt: str = "\n"  # text the samples continue (a newline); its characters must be known
     max_new_tokens: int = 500  # characters to generate per sample
     num_samples: int = 1  # independent samples, generated as one batch
@@ -39,6 +40,8 @@ class Config:
     cache: bool = True  # key/value cache (--no-cache: recompute the whole context every step)
     out: str | None = None  # also write the samples to this file, each under a SAMPLE k line
     benchmark: bool = False  # time greedy generation with and without the cache, compare, exit
+    val_loss: bool = False  # instead of sampling, print the loss on the validation split, exit
+    data_dir: str = os.environ.get("DATA_DIR", "data")  # --val-loss: holds tinyshakespeare/
     plot: tuple[str, ...] | None = None  # instead of sampling, plot these run folders' metrics.csv
     out_dir: str = "runs/gpt"  # where --plot writes gpt_loss.png (--out-dir images: the README's)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: cuda, then mps, then cpu
@@ -54,12 +57,32 @@ class Config:
 
 
 def load_model(path, device):
-    """Rebuild the model and the tokenizer from the checkpoint alone."""
-    ckpt = load_checkpoint(path, "gpt", keys=["model_config", "vocab", "model"],
-                           map_location=device)
+    """Rebuild the model and the tokenizer from the checkpoint alone ("": the shipped one, checked
+    against its sha256); also the training config, which names the text."""
+    ckpt = load_checkpoint(path, "gpt", keys=["config", "model_config", "vocab", "model"],
+                           map_location=device, shipped=SHIPPED)
     model = GPT(GPTConfig(**ckpt["model_config"]))
-    load_weights(model, ckpt["model"], path)
-    return model.to(device).eval(), CharTokenizer(ckpt["vocab"])
+    load_weights(model, ckpt["model"], path or SHIPPED)  # a bf16 file loads into fp32 weights
+    return model.to(device).eval(), CharTokenizer(ckpt["vocab"]), ckpt["config"]
+
+
+@torch.no_grad()
+def validation_loss(model, tokenizer, text_file, data_dir, windows=None, batch_size=64):
+    """Mean cross-entropy (nats per character) on the validation split of the model's text (the
+    last 10%, split as train.py splits it), cut into consecutive windows of block_size characters
+    each predicting its next characters; only the first `windows` windows when given."""
+    block = model.config.block_size
+    cfg = TrainConfig(text_file=text_file, data_dir=data_dir, block_size=block)
+    val = load_data(cfg, tokenizer.chars)[2]["val"]
+    n = (len(val) - 1) // block if windows is None else min(windows, (len(val) - 1) // block)
+    x = val[:n * block].view(n, block)                             # (N, T)
+    y = val[1:n * block + 1].view(n, block)                        # x shifted left by one
+    device = next(model.parameters()).device
+    total = 0.0
+    for i in range(0, n, batch_size):
+        _, loss = model(x[i:i + batch_size].to(device), y[i:i + batch_size].to(device))
+        total += loss.item() * len(x[i:i + batch_size])
+    return total / n
 
 
 def synchronize(device):
@@ -101,12 +124,10 @@ def plot_runs(run_dirs, out_dir):
         with open(path) as f:
             rows = list(csv.DictReader(f))
         seconds = [float(r["train_seconds"]) for r in rows]
-        name = Path(run_dir).name
-        line, = ax.plot(seconds, [float(r["val_loss"]) for r in rows], label=f"{name} val")
+        name = f"{Path(run_dir).resolve().name}: " if len(run_dirs) > 1 else ""
+        line, = ax.plot(seconds, [float(r["val_loss"]) for r in rows], label=f"{name}validation")
         ax.plot(seconds, [float(r["train_loss"]) for r in rows], ":", color=line.get_color(),
-                label=f"{name} train")
-    ax.plot(*zip(*NANOGPT_BABY_CPU), "k*", markersize=10,
-            label="nanoGPT baby config, val (issue 4, quiet machine)")
+                label=f"{name}training")
     ax.set(xlabel="training seconds (evaluation excluded)", ylabel="loss (nats / character)",
            ylim=(1.0, 3.0))
     ax.grid(alpha=0.3)
@@ -122,7 +143,11 @@ def main(argv=None):
     if cfg.plot:
         return plot_runs(cfg.plot, cfg.out_dir)
     device = pick_device(cfg.device)
-    model, tokenizer = load_model(cfg.checkpoint, device)
+    model, tokenizer, train_config = load_model(cfg.checkpoint, device)
+    if cfg.val_loss:
+        loss = validation_loss(model, tokenizer, train_config.get("text_file"), cfg.data_dir)
+        print(f"validation loss {loss:.4f} nats per character")
+        return loss
     unknown = tokenizer.unknown(cfg.prompt)
     if unknown:
         sys.exit(f"error: the prompt has characters that are not in the model's vocabulary: "

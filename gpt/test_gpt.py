@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 import model
+import plumbing
 import sample
 import train
 from model import GPT, CharTokenizer, GPTConfig
@@ -281,6 +282,53 @@ def test_real_tiny_shakespeare_when_available():
         pytest.skip(f"Tiny Shakespeare not in {path} (set DATA_DIR)")
     text = train.load_text(train.Config(data_dir=os.path.dirname(os.path.dirname(path))))
     assert len(text) == 1115394 and len(CharTokenizer.from_text(text)) == 65
+
+
+# ----------------------------------------------------------------------------- the shipped model
+# pretrained/shakespeare_cpu.pt (bf16 weights), trained by the command in pretrained/manifest.json.
+# On the first 200 windows of 64 characters of Tiny Shakespeare's validation split (12,800
+# characters) it measured 1.4253 nats per character (the fp32 weights: 1.4252; the whole split:
+# 1.5586). The evaluation is deterministic, so the test asks for 1.4253 +- 0.01: the margin is
+# 100 times the bf16 rounding, for other CPUs' summation orders. Both ways are regressions: a
+# higher loss (model, loading, evaluation) and a lower one (training text leaking into the split).
+SHIPPED_WINDOWS = 200
+SHIPPED_LOSS = 1.4253
+SHIPPED_TOLERANCE = 0.01
+
+
+def shakespeare_data_dir():
+    data_dir = os.environ.get("DATA_DIR", "data")
+    if not os.path.exists(os.path.join(data_dir, "tinyshakespeare", "input.txt")):
+        pytest.skip(f"Tiny Shakespeare not in {data_dir}/tinyshakespeare (set DATA_DIR)")
+    return data_dir
+
+
+def test_shipped_model_keeps_its_validation_loss():
+    model, tokenizer, config = sample.load_model("", torch.device("cpu"))
+    loss = sample.validation_loss(model, tokenizer, config["text_file"], shakespeare_data_dir(),
+                                  windows=SHIPPED_WINDOWS)
+    assert abs(loss - SHIPPED_LOSS) <= SHIPPED_TOLERANCE, (loss, SHIPPED_LOSS)
+
+
+def test_shipped_model_samples_with_no_dataset(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # nothing is written, wherever it runs
+    samples = sample.main(["-p", "ROMEO:", "-n", "40", "--data-dir", str(tmp_path / "none")])
+    assert len(samples) == 1 and len(samples[0]) == 46 and samples[0].startswith("ROMEO:")
+    assert capsys.readouterr().err.strip().startswith("using the shipped model")
+    assert os.listdir(tmp_path) == []
+
+
+def test_shipped_file_with_a_wrong_sha256_is_refused(tmp_path, monkeypatch):
+    shipped = tmp_path / "pretrained"
+    shipped.mkdir()
+    (shipped / "manifest.json").write_bytes((plumbing.PRETRAINED / "manifest.json").read_bytes())
+    data = bytearray((plumbing.PRETRAINED / sample.SHIPPED).read_bytes())
+    data[len(data) // 2] ^= 1  # one flipped bit in the middle of the weights
+    (shipped / sample.SHIPPED).write_bytes(bytes(data))
+    monkeypatch.setattr(plumbing, "PRETRAINED", shipped)
+    with pytest.raises(SystemExit) as e:
+        sample.main(["-p", "ROMEO:"])
+    one_line_exit(e, str(shipped / sample.SHIPPED), "sha256")
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="torchrun's gloo rendezvous")
