@@ -524,9 +524,11 @@ if __name__ == "__main__":  # python FOLDER/plumbing.py export RUN/ckpt.pt FOLDE
     cli.add_argument("src", help="the run's checkpoint")
     cli.add_argument("dst", help="where to write the small copy (e.g. FOLDER/pretrained/NAME.pt)")
     cli.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
-    cli.add_argument("--drop", nargs="*", default=["optimizer", "rng"], help="keys left out")
+    cli.add_argument("--drop", nargs="*", default=[],
+                     help="keys left out besides optimizer and rng")
     args = cli.parse_args()
     if not Path(args.src).is_file():
         cli.error(f"{args.src} is not a file")
-    size, digest = export_checkpoint(args.src, args.dst, args.dtype, args.drop)
+    drop = ["optimizer", "rng", *args.drop]
+    size, digest = export_checkpoint(args.src, args.dst, args.dtype, drop)
     print(f"{args.dst}: {size:,} bytes, {args.dtype}, sha256 {digest}")
