@@ -1,6 +1,8 @@
 """Use gnns/ checkpoints: evaluate them, draw a GAT's attention over a digit's pixel graph, compare
 training curves. Pictures go to --out-dir (`--out-dir images` regenerates the README's).
 
+    python gnns/sample.py                     # the shipped Cora GCN and GAT: training curves
+    python gnns/sample.py --eval              # their test accuracy (needs Cora in DATA_DIR)
     python gnns/sample.py --checkpoint runs/gnns/ckpt.pt --eval
     python gnns/sample.py --checkpoint runs/mnist_gat_cos5/ckpt.pt --attention  # one GAT head
     python gnns/sample.py --checkpoint runs/cora_gcn/ckpt.pt runs/cora_gat/ckpt.pt --training
@@ -27,12 +29,12 @@ from gnns_data import (  # noqa: E402
 )
 from model import prepare_edges  # noqa: E402
 from plumbing import (  # noqa: E402
+    PRETRAINED,
     config_from_checkpoint,
     load_checkpoint,
     make_out_dir,
     parse_config,
     pick_device,
-    require,
 )
 from train import (  # noqa: E402
     Config,
@@ -46,8 +48,9 @@ from train import (  # noqa: E402
 @dataclass
 class SampleConfig:
     """Use gnns/ checkpoints: print their test accuracy, draw a GAT's attention on a digit's pixel
-    graph, plot training curves side by side."""
-    checkpoint: tuple[str, ...] = ("runs/gnns/ckpt.pt",)  # checkpoint(s) written by train.py
+    graph, plot training curves side by side. With none of --eval, --attention and --training:
+    --training."""
+    checkpoint: tuple[str, ...] = ()  # checkpoint(s) written by train.py (none: the shipped two)
     eval: bool = False  # print each checkpoint's test accuracy
     attention: bool = False  # draw an image GAT's attention on one test digit (gnns_attention.png)
     training: bool = False  # plot the checkpoints' training curves (gnns_training.png)
@@ -60,9 +63,11 @@ class SampleConfig:
     data_dir: str = os.environ.get("DATA_DIR", "data")  # datasets root ($DATA_DIR, else ./data)
 
     def __post_init__(self):
-        require(self.eval or self.attention or self.training,
-                "nothing to do: pass --eval, --attention and/or --training")
-        require(len(self.checkpoint) > 0, "--checkpoint: name at least one checkpoint")
+        if not (self.eval or self.attention or self.training):
+            self.training = True  # the one picture that needs no dataset
+
+
+SHIPPED = ("cora_gcn.pt", "cora_gat.pt")  # pretrained/: Cora GCN and GAT, seed 0 (README)
 
 
 def evaluate(ckpt, path, cfg, device):
@@ -165,7 +170,11 @@ def main(argv=None):
     cfg = parse_config(SampleConfig, argv)
     device = pick_device(cfg.device, mps=False)  # auto: CUDA, else CPU (CSR untested on MPS)
     keys = ["config", "model_args", "model", "step", "train_state"]
-    ckpts = [load_checkpoint(path, "gnns", keys=keys) for path in cfg.checkpoint]
+    if not cfg.checkpoint:  # the shipped models, each checked against pretrained/manifest.json
+        cfg.checkpoint = tuple(str(PRETRAINED / name) for name in SHIPPED)
+        ckpts = [load_checkpoint("", "gnns", keys=keys, shipped=name) for name in SHIPPED]
+    else:
+        ckpts = [load_checkpoint(path, "gnns", keys=keys) for path in cfg.checkpoint]
     if cfg.eval:
         for path, ckpt in zip(cfg.checkpoint, ckpts):
             print(f"{path}: {ckpt['config']['task']} {ckpt['config']['model']}: "
