@@ -1,11 +1,13 @@
 """Sample from a trained checkpoint (EMA weights) with DDPM or DDIM and classifier-free guidance;
-write a grid, a GIF of the reverse process, or --evaluate the samples with a small classifier
-(trained once, cached beside the checkpoint). Pictures and eval.csv go to --out-dir (default: the
-checkpoint's folder).
+write a grid, a GIF of the reverse process, or --evaluate the samples with a small classifier.
+With no --checkpoint: the shipped MNIST U-Net and its evaluation classifier (ddpm/pretrained/).
+Pictures, eval.csv and a trained classifier go to --out-dir (default: the checkpoint's folder;
+runs/ddpm for the shipped model).
 
-    python ddpm/sample.py --checkpoint runs/ddpm/ckpt.pt          # DDIM-50, w = 2, every class
+    python ddpm/sample.py                                         # DDIM-50, w = 2, every digit
     python ddpm/sample.py --sampler ddpm --digit 5 --gif          # DDPM-1000 fives + ddpm_ddpm.gif
     python ddpm/sample.py --steps 20 --evaluate --num-eval 500    # accuracy, classifier-FID
+    python ddpm/sample.py --checkpoint runs/ddpm/ckpt.pt          # your own run
 """
 import csv
 import os
@@ -34,17 +36,20 @@ from plumbing import (
     require,
     save_checkpoint,
     setup,
+    shipped_checkpoint,
 )
 from train import NUM_CLASSES
 from train import Config as TrainConfig
 
+SHIPPED_MODEL = "ddpm_mnist_unet.pt"  # the guided U-Net's EMA weights, in ddpm/pretrained/
+SHIPPED_CLASSIFIER = "classifier_mnist.pt"  # the evaluation classifier it was scored with
 
 @dataclass
 class Config:
     """Sample from a train.py checkpoint (EMA weights) with DDPM or DDIM and classifier-free
     guidance; --evaluate scores the samples with a small classifier."""
-    checkpoint: str = "runs/ddpm/ckpt.pt"  # a checkpoint written by train.py
-    out_dir: str | None = None  # grid, GIF and eval.csv go here (None: the checkpoint's folder)
+    checkpoint: str = ""  # a checkpoint written by train.py ("": the shipped MNIST U-Net)
+    out_dir: str | None = None  # outputs (None: the checkpoint's folder, or runs/ddpm if shipped)
     sampler: Literal["ddpm", "ddim"] = "ddim"  # ddpm: all T ancestral steps; ddim: --steps of them
     steps: int | None = None  # DDIM sub-sequence length, 1..T (None: 50; ddpm always walks all T)
     eta: float = 0.0  # DDIM eta: 0 deterministic, 1 DDPM-like noise
@@ -55,7 +60,7 @@ class Config:
     gif: bool = False  # also write the reverse process to --out-dir as ddpm_<sampler>.gif
     evaluate: bool = False  # score --num-eval samples (accuracy, classifier-FID), append eval.csv
     num_eval: int = 500  # samples for --evaluate, spread evenly over the classes
-    classifier: str | None = None  # cached classifier, trained if absent (None: in the run folder)
+    classifier: str | None = None  # None: the shipped one, else trained once into --out-dir
     classifier_epochs: int = 3  # epochs when the evaluation classifier has to be trained
     data_dir: str = os.environ.get("DATA_DIR", "data")  # datasets, for --evaluate
     batch_size: int = 250  # images sampled at once
@@ -131,13 +136,14 @@ def classify(classifier, images, batch_size=500):
 CLASSIFIER_KEYS = ("kind", "dataset", "model", "test_accuracy", "test_mu", "test_sigma")
 
 
-def get_classifier(path, dataset, data_dir, device, epochs, seed=0):
+def get_classifier(path, dataset, data_dir, device, epochs, seed=0, expected_sha256=None):
     """Load the cached classifier, or train it on the training set (Adam, `epochs` epochs) and cache
     it with its test accuracy and the feature statistics of the test set (the classifier-FID's
-    reference)."""
+    reference: with them, a cached classifier needs no dataset)."""
     in_channels = IMAGE_DATASETS[dataset][2]
     if Path(path).exists():
-        cached = load_checkpoint(path, "ddpm", keys=CLASSIFIER_KEYS)
+        cached = load_checkpoint(path, "ddpm", keys=CLASSIFIER_KEYS, map_location=device,
+                                 expected_sha256=expected_sha256)
         if cached["kind"] != "classifier" or cached["dataset"] != dataset:
             sys.exit(f"error: {path} is not an evaluation classifier for {dataset}")
         classifier = Classifier(in_channels, NUM_CLASSES).to(device)
@@ -202,8 +208,8 @@ def evaluate(images, y, classifier, cached, dataset, data_dir, name):
     Inception weights are cached, the standard FID ("" when they are not)."""
     features, predictions = classify(classifier, images)
     accuracy = (predictions == y.cpu()).float().mean().item()
-    cfid = frechet_distance(*feature_stats(features), cached["test_mu"].numpy(),
-                            cached["test_sigma"].numpy())
+    cfid = frechet_distance(*feature_stats(features), cached["test_mu"].double().numpy(),
+                            cached["test_sigma"].double().numpy())
     print(f"{name}: {len(images)} samples, recognised as the requested class {accuracy:.2%}, "
           f"classifier-FID {cfid:.3f} (evaluation classifier test accuracy "
           f"{cached['test_accuracy']:.2%})")
@@ -211,7 +217,11 @@ def evaluate(images, y, classifier, cached, dataset, data_dir, name):
         print(f"standard FID: not computed, torchvision's Inception-v3 weights are not at "
               f"{inception_weights_path()}")
         return accuracy, cfid, ""
-    test_images, _, _ = load_image_dataset(dataset, data_dir, train=False)
+    try:
+        test_images, _, _ = load_image_dataset(dataset, data_dir, train=False)
+    except SystemExit as e:  # the shipped model samples without data; this FID needs test images
+        print(f"standard FID: not computed, it needs the {dataset} test images ({e})")
+        return accuracy, cfid, ""
     fid = inception_fid(images, test_images[:len(images)], y.device)
     print(f"{name}: FID (torchvision Inception-v3, {len(images)} samples vs as many test images) "
           f"{fid:.2f}")
@@ -231,27 +241,43 @@ def append_eval_row(path, cfg, steps, accuracy, cfid, fid, seconds):
                          cfg.seed])
 
 
+def load_model(path, device):
+    """The EMA eps_theta (eval mode), the schedule and the training config, rebuilt from a
+    checkpoint alone ("" : the shipped model, checked against pretrained/manifest.json)."""
+    ckpt = load_checkpoint(path, "ddpm", keys=("config", "ema"), map_location=device,
+                           shipped=SHIPPED_MODEL)
+    trained = config_from_checkpoint(TrainConfig, ckpt, path or SHIPPED_MODEL)
+    _, image_size, in_channels, _, _ = IMAGE_DATASETS[trained.dataset]
+    ema = build_model(config_dict(trained), in_channels, image_size, NUM_CLASSES).to(device)
+    ema.load_state_dict(ckpt["ema"])  # a bf16 file is cast back to float32 here
+    return ema.eval(), Diffusion(trained.T, trained.schedule).to(device), trained
+
+
+def classifier_file(cfg, dataset, out_dir):
+    """--classifier; else the shipped one for the shipped model; else a cache in --out-dir.
+    Returns the path and the sha256 it must have (None: not checked)."""
+    if cfg.classifier:
+        return cfg.classifier, None
+    if not cfg.checkpoint:
+        print(f"using the shipped evaluation classifier ddpm/pretrained/{SHIPPED_CLASSIFIER}",
+              file=sys.stderr)
+        return shipped_checkpoint(SHIPPED_CLASSIFIER)
+    return out_dir / f"classifier_{dataset}.pt", None
+
+
 def main(argv=None):
     cfg = parse_config(Config, argv)
     _, _, _, device = setup(cfg)
-    ckpt = load_checkpoint(cfg.checkpoint, "ddpm", keys=("config", "model", "ema"),
-                           map_location=device)
-    trained = config_from_checkpoint(TrainConfig, ckpt, cfg.checkpoint)
+    ema, diffusion, trained = load_model(cfg.checkpoint, device)
     if cfg.sampler == "ddpm" and cfg.steps not in (None, trained.T):
         sys.exit(f"error: --sampler ddpm walks all T={trained.T} steps; "
                  f"use --sampler ddim for --steps {cfg.steps}")
     steps = trained.T if cfg.sampler == "ddpm" else cfg.steps or 50
     if steps > trained.T:
         sys.exit(f"error: --steps must be in 1..{trained.T} (the checkpoint's T), got {steps}")
-    run_dir = Path(cfg.checkpoint).parent
-    out_dir = make_out_dir(cfg.out_dir or run_dir)
-
-    # ---- rebuild eps_theta and the schedule from the checkpoint alone; sample with the EMA weights
+    out_dir = make_out_dir(cfg.out_dir or (Path(cfg.checkpoint).parent if cfg.checkpoint
+                                           else "runs/ddpm"))
     _, image_size, in_channels, _, _ = IMAGE_DATASETS[trained.dataset]
-    ema = build_model(config_dict(trained), in_channels, image_size, NUM_CLASSES).to(device)
-    ema.load_state_dict(ckpt["ema"])
-    ema.eval()
-    diffusion = Diffusion(trained.T, trained.schedule).to(device)
     eta = f" eta={cfg.eta:g}" if cfg.sampler == "ddim" else ""
     name = f"{cfg.sampler.upper()}-{steps}{eta} w={cfg.guidance:g}"
 
@@ -259,9 +285,9 @@ def main(argv=None):
     if cfg.evaluate:  # evenly over the requested classes: 0, 1, ..., 9, 0, 1, ...
         y = torch.tensor(classes, device=device).repeat(-(-cfg.num_eval // len(classes)))
         y = y[:cfg.num_eval]
-        classifier, cached = get_classifier(
-            cfg.classifier or run_dir / f"classifier_{trained.dataset}.pt", trained.dataset,
-            cfg.data_dir, device, cfg.classifier_epochs, cfg.seed)
+        path, sha = classifier_file(cfg, trained.dataset, out_dir)
+        classifier, cached = get_classifier(path, trained.dataset, cfg.data_dir, device,
+                                            cfg.classifier_epochs, cfg.seed, sha)
     else:  # row i holds sample i of every requested class
         y = torch.tensor(classes, device=device).repeat(cfg.n)
     start = time.time()
