@@ -64,7 +64,7 @@ def get_1d_sincos_pos_embed(embed_dim, positions):
 
 def get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=False):
     """(grid_size**2 [+1], embed_dim): half the channels encode the column, half the row;
-    a zero row for [CLS]."""
+    a zero row for [CLS] (Sec. 3, "MAE encoder" and "MAE decoder": sine-cosine embeddings)."""
     assert embed_dim % 4 == 0, "2-D sin-cos embeddings need embed_dim divisible by 4"
     rows, cols = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
     column = get_1d_sincos_pos_embed(embed_dim // 2, cols.flatten())  # (N, D/2), x
@@ -192,7 +192,8 @@ class MAEEncoder(nn.Module):
         nn.init.normal_(self.cls_token, std=0.02)
 
     def forward(self, imgs, mask_ratio=0.0):
-        """imgs (B, C, H, W) -> latent (B, 1 + N_vis, D), mask (B, N), ids_restore (B, N).
+        """imgs (B, C, H, W) -> latent (B, 1 + N_vis, D), mask (B, N), ids_restore (B, N)
+        (Sec. 3, "MAE encoder": a ViT applied only on visible, unmasked patches).
 
         With mask_ratio = 0 (probing, fine-tuning) every patch is kept, in order, and mask and
         ids_restore are None.
@@ -231,7 +232,8 @@ class MAEDecoder(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward(self, latent, ids_restore):
-        """latent (B, 1 + N_vis, D_enc), ids_restore (B, N) -> predicted pixels (B, N, p*p*C)."""
+        """latent (B, 1 + N_vis, D_enc), ids_restore (B, N) -> predicted pixels (B, N, p*p*C)
+        (Sec. 3, "MAE decoder": encoded visible tokens and mask tokens, in image order)."""
         x = self.decoder_embed(latent)  # (B, 1 + N_vis, D_dec)
         B, T, D = x.shape
         N = ids_restore.shape[1]

@@ -1,10 +1,11 @@
 """Everything done with a mae/ checkpoint: reconstructions, test accuracy, and the encoder's cost
-against the mask ratio.
+against the mask ratio. Without --checkpoint: the models shipped in pretrained/.
 
-    python sample.py --checkpoint runs/mae/pretrain/ckpt.pt    # runs/mae/mae_reconstructions.png
-    python sample.py --checkpoint runs/mae/pretrain/ckpt.pt --out-dir ../images   # the README's
+    python sample.py                     # the shipped MAE: runs/mae/mae_reconstructions.png
+    python sample.py --eval              # the shipped models' test accuracy and masked-patch loss
+    python sample.py --checkpoint runs/mae/pretrain/ckpt.pt --out-dir ../images   # your own run
     python sample.py --checkpoint runs/mae/linprobe/ckpt.pt --eval       # a probe's test accuracy
-    python sample.py --checkpoint runs/mae/pretrain/ckpt.pt --benchmark  # encoder FLOPs, time
+    python sample.py --benchmark         # the encoder's FLOPs and time against the mask ratio
 """
 import os
 import sys
@@ -17,7 +18,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from model import num_visible, patchify, unpatchify  # noqa: E402
@@ -39,8 +42,10 @@ from train import accuracy, build_model, load_weights, masked_patch_loss  # noqa
 @dataclass
 class Config:
     """Draw a pretrain checkpoint's reconstructions of test images (the default), print a
-    checkpoint's test accuracy or masked-patch loss (--eval), or time its encoder (--benchmark)."""
-    checkpoint: str = "runs/mae/pretrain/ckpt.pt"  # a checkpoint written by mae/train.py
+    checkpoint's test accuracy or masked-patch loss (--eval), or time its encoder (--benchmark).
+    Without --checkpoint: the shipped MAE (pretrained/mae_mnist.pt), and for --eval also the
+    shipped fine-tuned classifier (pretrained/mae_mnist_finetune.pt)."""
+    checkpoint: str = ""  # a checkpoint written by mae/train.py (default: the shipped models)
     data_dir: str = os.environ.get("DATA_DIR", "data")  # dataset root ($DATA_DIR, else ./data)
     out_dir: str = "runs/mae"  # the figure goes here (--out-dir images: the README's picture)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: cuda, then mps, then the cpu
@@ -124,25 +129,72 @@ def encoder_cost(encoder, imgs, mask_ratios, repeats=3):
     return rows
 
 
+SHIPPED = {"pretrain": "mae_mnist.pt", "finetune": "mae_mnist_finetune.pt"}  # in pretrained/
+EXAMPLES = Path(__file__).resolve().parent / "pretrained" / "mnist_test_examples.png"
+
+
+def load_model(path, device, shipped=SHIPPED["pretrain"]):
+    """-> (model in eval mode, its training Config, mode), rebuilt from the checkpoint alone;
+    path "" loads the shipped file `shipped`, checked against pretrained/manifest.json."""
+    ckpt = load_checkpoint(path, "mae", keys=["config", "mode", "model"], shipped=shipped)
+    name = path or f"pretrained/{shipped}"
+    train_cfg, mode = config_from_checkpoint(TrainConfig, ckpt, name), ckpt["mode"]
+    model = build_model(train_cfg, mode).to(device)
+    load_weights(model, ckpt["model"], name)  # a bf16 shipped file is cast back to fp32 here
+    return model.eval(), train_cfg, mode
+
+
+def stored_examples():
+    """The first 8 MNIST test images, kept beside the shipped models as one 28 x 224 PNG strip:
+    (8, 1, 28, 28) uint8, so that the shipped MAE draws its reconstructions with no dataset."""
+    strip = torch.as_tensor(np.array(Image.open(EXAMPLES)))  # (28, 8 * 28)
+    return strip.reshape(28, -1, 28).permute(1, 0, 2)[:, None].contiguous()
+
+
+def load_test_images(cfg, train_cfg):
+    test_x, test_y, _ = load_image_dataset(train_cfg.dataset, cfg.data_dir, train=False)
+    if cfg.test_examples:
+        test_x, test_y = test_x[:cfg.test_examples], test_y[:cfg.test_examples]
+    return test_x, test_y
+
+
+def evaluate(model, train_cfg, mode, cfg, device, name):
+    """One line: a classifier's test accuracy, or a pretrain checkpoint's masked-patch loss."""
+    test_x, test_y = load_test_images(cfg, train_cfg)
+    if mode == "pretrain":
+        mask_ratio = cfg.mask_ratio or train_cfg.mask_ratio
+        loss = masked_patch_loss(model, test_x, train_cfg, device, cfg.batch_size, mask_ratio)
+        return (f"{mode} checkpoint {name}: test masked-patch loss at mask ratio {mask_ratio} = "
+                f"{loss:.4f} on {len(test_x)} {train_cfg.dataset} images")
+    acc = accuracy(model, test_x, test_y, device, cfg.batch_size, train_cfg.dataset)
+    return (f"{mode} checkpoint {name}: test accuracy % = {acc:.4f} on {len(test_x)} "
+            f"{train_cfg.dataset} images")
+
+
 def main(argv=None):
     cfg = parse_config(Config, argv)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
-    ckpt = load_checkpoint(cfg.checkpoint, "mae", keys=["config", "mode", "model"])
-    train_cfg, mode = config_from_checkpoint(TrainConfig, ckpt, cfg.checkpoint), ckpt["mode"]
-    if not (cfg.eval or cfg.benchmark) and mode != "pretrain":
+    if cfg.eval:
+        shipped = [] if cfg.checkpoint else [SHIPPED["finetune"], SHIPPED["pretrain"]]
+        for name in shipped or [cfg.checkpoint]:
+            model, train_cfg, mode = load_model(cfg.checkpoint, device, name)
+            print(evaluate(model, train_cfg, mode, cfg, device,
+                           cfg.checkpoint or f"pretrained/{name}"))
+        return
+    model, train_cfg, mode = load_model(cfg.checkpoint, device)
+    if not cfg.benchmark and mode != "pretrain":
         sys.exit(f"error: reconstructions need a pretrain checkpoint, {cfg.checkpoint} is {mode} "
                  f"(try --eval)")
-    model = build_model(train_cfg, mode).to(device)  # rebuilt from the checkpoint alone
-    load_weights(model, ckpt["model"], cfg.checkpoint)
-    model.eval()
-    torch.manual_seed(cfg.seed)
-    test_x, test_y, _ = load_image_dataset(train_cfg.dataset, cfg.data_dir, train=False)
-    if cfg.test_examples:
-        test_x, test_y = test_x[:cfg.test_examples], test_y[:cfg.test_examples]
-    mask_ratio = cfg.mask_ratio or train_cfg.mask_ratio
-
+    mnist_absent = not (Path(cfg.data_dir) / "MNIST" / "raw" / "t10k-images-idx3-ubyte").exists()
+    if not (cfg.checkpoint or cfg.benchmark) and mnist_absent and cfg.num_images <= 8:
+        test_x = stored_examples()
+        print(f"MNIST is not in {cfg.data_dir}: using the {len(test_x)} test images in "
+              f"pretrained/{EXAMPLES.name}", file=sys.stderr)
+    else:
+        test_x, _ = load_test_images(cfg, train_cfg)
+    torch.manual_seed(cfg.seed)  # the masks
     if cfg.benchmark:
         imgs = normalize(test_x[:cfg.batch_size].to(device), train_cfg.dataset)
         print("| mask ratio | encoder tokens | encoder GFLOPs / image (fwd+bwd) "
@@ -150,15 +202,8 @@ def main(argv=None):
         print("| --- | --- | --- | --- |")
         for ratio, tokens, gflops, ms in encoder_cost(model.encoder, imgs, cfg.mask_ratios):
             print(f"| {ratio:.2f} | {tokens} | {gflops:.4f} | {ms:.3f} |")
-    elif cfg.eval and mode == "pretrain":
-        loss = masked_patch_loss(model, test_x, train_cfg, device, cfg.batch_size, mask_ratio)
-        print(f"{mode} checkpoint {cfg.checkpoint}: test masked-patch loss at mask ratio "
-              f"{mask_ratio} = {loss:.4f} on {len(test_x)} {train_cfg.dataset} images")
-    elif cfg.eval:
-        acc = accuracy(model, test_x, test_y, device, cfg.batch_size, train_cfg.dataset)
-        print(f"{mode} checkpoint {cfg.checkpoint}: test accuracy % = {acc:.4f} on {len(test_x)} "
-              f"{train_cfg.dataset} images")
     else:
+        mask_ratio = cfg.mask_ratio or train_cfg.mask_ratio
         imgs = normalize(test_x[:cfg.num_images].to(device), train_cfg.dataset)
         mask_img, recon, pasted = reconstruct(model, imgs, mask_ratio)
         path = Path(make_out_dir(cfg.out_dir)) / "mae_reconstructions.png"
