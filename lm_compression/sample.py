@@ -1,6 +1,6 @@
 """Compress and decompress files with a language model, and compare with gzip, bzip2, xz and PNG.
 
-    python sample.py compress input.txt -o input.lmz   # the folder's own model (train.py's ckpt.pt)
+    python sample.py compress input.txt -o input.lmz   # the shipped model (pretrained/)
     python sample.py decompress input.lmz -o input.txt
     python sample.py bench heldout.txt book.txt        # ours vs gzip -9, bzip2 -9, xz -9e, PNG
     python sample.py curve runs/lm_compression/ckpt_step*.pt --file heldout.txt  # rate vs training
@@ -42,12 +42,13 @@ FOLDER = "lm_compression"
 MAGIC, VERSION = b"LMZ\x1a", 2
 STORED, CODED = 0, 1
 STORED_HEADER = 10  # magic, version, mode, CRC32 of the data
+SHIPPED = "byte_model.pt"  # pretrained/: the model of the README's table, sha256 in its manifest
 
 
 @dataclass
 class Config:
     """Lossless compression with a language model and arithmetic coding."""
-    checkpoint: str = "runs/lm_compression/ckpt.pt"  # the folder's own model (train.py's ckpt.pt)
+    checkpoint: str = ""  # the folder's own model: "" is the shipped pretrained/byte_model.pt
     hf_model: str | None = None  # a Hugging Face causal LM instead: a local folder or a Hub name
     hf_bytes: bool = False  # code raw bytes via the HF model's 256 byte tokens (any file)
     start_token: str | None = None  # token starting every HF context (default: its BOS, else EOS)
@@ -177,6 +178,9 @@ def byte_tokens(tokenizer):
 
 def load_model(cfg, device):
     """(lm, tokenizer, model_id, note) from --hf-model or --checkpoint, on `device`, eval mode."""
+    if device.type == "cuda" and cfg.dtype == "bfloat16":  # an H200 round trip came back wrong
+        raise CompressionError("--dtype bfloat16 is refused on CUDA: its kernels do not give the "
+                               "decoder the encoder's logits; use --dtype float32 on a GPU")
     dtype = getattr(torch, cfg.dtype)
     if cfg.hf_model:
         import transformers
@@ -204,13 +208,13 @@ def load_model(cfg, device):
                 f"hf:{cfg.hf_model}{mode}", note)
     if cfg.hf_bytes:
         raise CompressionError("--hf-bytes goes with --hf-model (the folder's model codes bytes)")
-    ckpt = load_checkpoint(cfg.checkpoint, FOLDER, keys=["config", "model"])
+    ckpt = load_checkpoint(cfg.checkpoint, FOLDER, keys=["config", "model"], shipped=SHIPPED)
     lm = model_from_checkpoint(ckpt)
     if cfg.window:
         lm.block_size = min(cfg.window, lm.block_size)
     note = "trained by train.py on Tiny Shakespeare's first 90% (MIT, this repository)"
     return (lm.to(device=device, dtype=dtype), ByteTokenizer(),
-            f"{FOLDER}:{os.path.basename(cfg.checkpoint)}", note)
+            f"{FOLDER}:{os.path.basename(cfg.checkpoint or SHIPPED)}", note)
 
 
 def model_from_checkpoint(ckpt):
@@ -221,12 +225,16 @@ def model_from_checkpoint(ckpt):
 
 
 def model_card_licence(name):
-    """The `license:` line of a local model folder's README.md (its model card), if it has one."""
+    """The `license:` line and the first line of text of a local model folder's README.md (its
+    model card: the README's conversion of SmolLM2 writes one), if it has them."""
     card = Path(name) / "README.md"
-    if card.is_file():
-        for line in card.read_text(errors="replace").splitlines():
-            if line.lower().startswith("license:"):
-                return f"licence {line.split(':', 1)[1].strip()} (its model card)"
+    lines = card.read_text(errors="replace").splitlines() if card.is_file() else []
+    licence = next((x.split(":", 1)[1].strip() for x in lines if x.lower().startswith("license:")),
+                   None)
+    origin = next((x.strip() for x in lines if x.strip() and x.strip() != "---" and ":" not in x
+                   and not x.startswith("#")), "")
+    if licence:
+        return f"licence {licence} (its model card)" + (f"; {origin}" if origin else "")
     return "licence and origin not stated in the model folder (say them with --model-note)"
 
 
@@ -408,6 +416,7 @@ def decompress(blob, lm, tokenizer, model_id):
 
 
 def write_atomic(path, data):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(f"{path}.tmp", "wb") as f:
         f.write(data)
     os.replace(f"{path}.tmp", path)
