@@ -268,6 +268,14 @@ def shipped_model_problems(folder_dir):
             problems.append(f"{name}: size {len(data)} differs from manifest.json")
         if len(data) > MAX_FILE_BYTES:
             problems.append(f"{name}: {len(data)} bytes, over {MAX_FILE_BYTES}")
+        if name.endswith(".pt"):
+            import torch
+
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(ckpt, dict) or ckpt.get("folder") != Path(folder_dir).name:
+                problems.append(f"{name}: not a checkpoint of {Path(folder_dir).name}/")
+            elif {"optimizer", "rng"} & set(ckpt):
+                problems.append(f"{name}: still holds the training state (optimizer, rng)")
         empty = [k for k in ("command", "commit", "data", "hardware", "training_time", "score")
                  if not entry.get(k)]
         if empty:
@@ -293,12 +301,29 @@ def test_shipped_model_check_can_fail(tmp_path):
 
     pretrained = tmp_path / "demo" / "pretrained"
     pretrained.mkdir(parents=True)
-    (pretrained / "m.pt").write_bytes(b"weights")
+    (pretrained / "m.bin").write_bytes(b"weights")
     entry = {k: "x" for k in ("command", "commit", "data", "hardware", "training_time", "score")}
     entry.update(sha256=hashlib.sha256(b"weights").hexdigest(), bytes=7)
-    (pretrained / "manifest.json").write_text(json.dumps({"m.pt": entry}))
+    (pretrained / "manifest.json").write_text(json.dumps({"m.bin": entry}))
     assert shipped_model_problems(tmp_path / "demo") == []
-    (pretrained / "m.pt").write_bytes(b"weightz")  # a changed file
+    (pretrained / "m.bin").write_bytes(b"weightz")  # a changed file
     (pretrained / "extra.pt").write_bytes(b"")  # an unlisted one
     assert shipped_model_problems(tmp_path / "demo") == [
-        "extra.pt is not in manifest.json", "m.pt: sha256 differs from manifest.json"]
+        "extra.pt is not in manifest.json", "m.bin: sha256 differs from manifest.json"]
+
+
+def test_shipped_model_check_finds_training_state(tmp_path):
+    import hashlib
+    import json
+
+    import torch
+
+    pretrained = tmp_path / "demo" / "pretrained"
+    pretrained.mkdir(parents=True)
+    torch.save({"folder": "demo", "model": {}, "optimizer": {}}, pretrained / "m.pt")
+    data = (pretrained / "m.pt").read_bytes()
+    entry = {k: "x" for k in ("command", "commit", "data", "hardware", "training_time", "score")}
+    entry.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    (pretrained / "manifest.json").write_text(json.dumps({"m.pt": entry}))
+    assert shipped_model_problems(tmp_path / "demo") == [
+        "m.pt: still holds the training state (optimizer, rng)"]
