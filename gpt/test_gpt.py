@@ -338,7 +338,7 @@ def test_torchrun_two_processes_gloo(tmp_path, text_file):
                           "--nproc_per_node=2", "train.py", "--text-file", text_file, *TINY,
                           "--device", "cpu", "--steps", "4", "--eval-interval", "2",
                           "--out-dir", str(tmp_path)],
-                         cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+                         cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
     # all of stderr: a failing rank's own message comes before torchrun's summary
     assert run.returncode == 0, run.stderr
     assert [r["step"] for r in read_csv(tmp_path / "metrics.csv")] == ["0", "2", "4"]
