@@ -56,7 +56,7 @@ def log_likelihood(flow, x, noise):
     flow(...), so a DDP-wrapped or compiled flow works too.)"""
     logit, logdet_pre = preprocess(x, noise)
     z, logdet = flow(logit)
-    return standard_normal_log_prob(z) + logdet + logdet_pre
+    return standard_normal_log_prob(z) + logdet + logdet_pre  # Eq. (3)
 
 
 def checkerboard_mask(height, width, parity):
@@ -171,8 +171,8 @@ class AffineCoupling(nn.Module):
 
     def forward(self, x):
         s, t = self.s_and_t(x * self.mask)
-        y = x * torch.exp(s) + t  # s = t = 0 where b = 1, so that half passes through unchanged
-        return y, s.flatten(1).sum(1)
+        y = x * torch.exp(s) + t  # Eq. (9): s = t = 0 where b = 1, so that half passes unchanged
+        return y, s.flatten(1).sum(1)  # log|det J| = Σ (1 − b) ⊙ s, Eq. (6)
 
     def inverse(self, y):
         s, t = self.s_and_t(y * self.mask)  # b ⊙ y = b ⊙ x: it sees what the forward saw, Eq. (7)

@@ -1,9 +1,10 @@
 """Use a trained RealNVP: samples sorted by likelihood, test bits/dim, latent interpolations.
 
-    python nf/sample.py                        # runs/nf/nf_samples.png: 64 samples, temperature 0.7
+    python nf/sample.py                        # runs/nf/nf_samples.png from the shipped model
     python nf/sample.py --out-dir images       # the README's picture, images/nf_samples.png
-    python nf/sample.py --eval                 # test bits/dim of runs/nf/ckpt.pt
+    python nf/sample.py --eval                 # its test bits/dim (needs MNIST)
     python nf/sample.py --interpolate          # runs/nf/nf_interpolation.png between test images
+    python nf/sample.py --checkpoint runs/nf/ckpt.pt -n 16   # your own run, 16 samples
 """
 import os
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from train import build_model, evaluate
 @dataclass
 class Config:
     """Use a trained RealNVP: samples sorted by likelihood, test bits/dim, latent interpolations."""
-    checkpoint: str = "runs/nf/ckpt.pt"  # checkpoint written by train.py
+    checkpoint: str = ""  # checkpoint written by train.py ("": the shipped MNIST model)
     num_samples: int = 64  # how many samples to draw
     temperature: float = 0.7  # std of the latent prior; 0 gives the mode path
     eval: bool = False  # print test bits/dim instead of sampling
@@ -39,6 +40,7 @@ class Config:
     data_dir: str = os.environ.get("DATA_DIR", "data")  # datasets are here ($DATA_DIR, else ./data)
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # where to run
     seed: int = 0  # seed for the latents
+    aliases = {"num_samples": "-n"}  # short flags
 
     def __post_init__(self):
         require(self.num_samples >= 1, "--num-samples must be at least 1")
@@ -68,8 +70,9 @@ def interpolate(model, x_a, x_b, steps=9):
 def main(argv=None):
     cfg = parse_config(Config, argv)
     device = pick_device(cfg.device)
-    ckpt = load_checkpoint(cfg.checkpoint, "nf", keys=["config", "model", "step"])
-    train_cfg = config_from_checkpoint(TrainConfig, ckpt, cfg.checkpoint)
+    ckpt = load_checkpoint(cfg.checkpoint, "nf", keys=["config", "model", "step"],
+                           shipped="nf_mnist.pt")  # "": pretrained/nf_mnist.pt, sha256 checked
+    train_cfg = config_from_checkpoint(TrainConfig, ckpt, cfg.checkpoint or "nf_mnist.pt")
     model = build_model(train_cfg).to(device)
     model.load_state_dict(ckpt["model"])
     model.eval()

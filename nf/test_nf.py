@@ -1,15 +1,20 @@
 """Checks of RealNVP's claims against autograd and closed forms. Run: python -m pytest (in nf/)."""
+import json
 import math
 import os
+import re
+import shutil
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import model
+import plumbing
 import sample
 import train
 
@@ -339,3 +344,71 @@ def test_bad_checkpoints_are_refused_in_one_line(tmp_path):
             sample.main(["--checkpoint", str(path)])
         with pytest.raises(SystemExit, match=message):
             train.main(["--resume", str(path)])
+
+
+# ---------------------------------------------------------------- the shipped model, pretrained/
+MNIST_DIR = os.environ.get("DATA_DIR", "data")
+HAS_MNIST = (Path(MNIST_DIR) / "MNIST" / "raw" / "t10k-images-idx3-ubyte").is_file()
+# `python nf/sample.py --eval --eval-examples 500` on pretrained/nf_mnist.pt (fp32) gave
+# SHIPPED_BPD on these 500 images (the first of the test set). The number is deterministic
+# (fixed dequantisation noise), so only float rounding across machines moves it, by < 1e-4;
+# 0.01 bits/dim is far below what a broken loader, preprocessing or flow costs.
+SHIPPED_BPD = 1.6868
+BPD_TOLERANCE = 0.01
+# 16 samples at temperature 0.7, seed 0: the mean bits/dim of the rounded 8-bit images was
+# SAMPLES_BPD; the latents are the same on every machine (torch's CPU generator), so 0.05 is
+# loose for rounding, tight for a sampler that no longer inverts the flow.
+SAMPLES_BPD = 1.5742
+SAMPLES_TOLERANCE = 0.05
+
+
+def shipped_score(capsys, *args):
+    sample.main(["--device", "cpu", *args])
+    return capsys.readouterr()
+
+
+@pytest.mark.skipif(not HAS_MNIST, reason=f"MNIST is not in DATA_DIR={MNIST_DIR}")
+def test_shipped_model_keeps_its_test_bits_per_dim(capsys):
+    out = shipped_score(capsys, "--eval", "--eval-examples", "500", "--data-dir", MNIST_DIR)
+    assert "using the shipped model" in out.err
+    bpd = float(re.search(r"test bits/dim: ([0-9.]+)", out.out).group(1))
+    assert bpd == pytest.approx(SHIPPED_BPD, abs=BPD_TOLERANCE), out.out
+
+
+def test_shipped_model_samples_need_no_data(tmp_path, capsys):
+    out = shipped_score(capsys, "-n", "4", "--out-dir", str(tmp_path), "--data-dir", "absent")
+    assert "using the shipped model" in out.err and "wrote" in out.out
+    assert (tmp_path / "nf_samples.png").stat().st_size > 100
+
+
+def test_shipped_samples_keep_their_likelihood():
+    ckpt = plumbing.load_checkpoint("", "nf", shipped="nf_mnist.pt")
+    net = train.build_model(plumbing.config_from_checkpoint(train.Config, ckpt))
+    net.load_state_dict(ckpt["model"])
+    torch.manual_seed(0)
+    images, log_p = sample.sample(net.eval(), 16, 0.7, "cpu")
+    bpd = model.bits_per_dim(log_p, images[0].numel()).mean().item()
+    assert bpd == pytest.approx(SAMPLES_BPD, abs=SAMPLES_TOLERANCE)
+
+
+def test_a_corrupted_shipped_model_is_refused_in_one_line(tmp_path, monkeypatch):
+    copy = tmp_path / "pretrained"
+    copy.mkdir()
+    shutil.copy(plumbing.PRETRAINED / "manifest.json", copy)
+    data = bytearray((plumbing.PRETRAINED / "nf_mnist.pt").read_bytes())
+    data[len(data) // 2] ^= 1  # one bit flipped
+    (copy / "nf_mnist.pt").write_bytes(data)
+    monkeypatch.setattr(plumbing, "PRETRAINED", copy)
+    with pytest.raises(SystemExit, match="does not match its recorded sha256") as stop:
+        sample.main(["--device", "cpu"])
+    assert "\n" not in str(stop.value.code)
+
+
+def test_manifest_lists_the_shipped_file():
+    manifest = json.loads((plumbing.PRETRAINED / "manifest.json").read_text())
+    entry = manifest["nf_mnist.pt"]
+    path = plumbing.PRETRAINED / "nf_mnist.pt"
+    assert entry["sha256"] == plumbing.sha256(path) and entry["bytes"] == path.stat().st_size
+    ckpt = torch.load(path, weights_only=True)
+    assert all(t.dtype == torch.float32 for t in ckpt["model"].values() if t.is_floating_point())
+    assert "optimizer" not in ckpt and "rng" not in ckpt
