@@ -132,3 +132,30 @@ def test_links_and_pictures_exist(readme):
         if not path.exists():
             missing.append(target)
     assert missing == []
+
+
+def long_lines(markdown, limit=100):
+    """Lines longer than `limit` characters, prose and code blocks alike. Table rows are exempt:
+    Markdown cannot wrap one, and a results row carries its full command."""
+    return [line for line in markdown.splitlines()
+            if len(line) > limit and not line.lstrip().startswith("|")]
+
+
+PROCESS = re.compile(r"\b(issues?|sessions?)\b", re.IGNORECASE)  # how we worked, not the method
+
+
+@pytest.mark.parametrize("readme", READMES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_lines_fit_in_100_columns(readme):
+    assert long_lines(readme.read_text()) == []
+
+
+@pytest.mark.parametrize("readme", READMES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_process_history(readme):
+    assert [line for line in readme.read_text().splitlines() if PROCESS.search(line)] == []
+
+
+def test_line_and_process_checks_can_fail():
+    markdown = "x" * 101 + "\n| " + "y" * 200 + " |\n```\n" + "z" * 101 + "\n```\nfine\n"
+    assert long_lines(markdown) == ["x" * 101, "z" * 101]
+    assert PROCESS.search("as the issue asked") and PROCESS.search("in an earlier Session")
+    assert not PROCESS.search("tissues and missions")
