@@ -238,7 +238,10 @@ def test_same_seed_same_run_and_resume_continues_exactly(data_dir, tmp_path):
     for name in ("a", "b"):
         train.main([*common, "--out-dir", str(tmp_path / name)])
     train.main([*common, "--out-dir", str(tmp_path / "c"), "--max-minutes", "1e-9"])  # one step
-    assert torch.load(tmp_path / "c" / "ckpt.pt", weights_only=True)["step"] == 1
+    first = torch.load(tmp_path / "c" / "ckpt.pt", weights_only=True)
+    assert first["step"] == 1 and first["seconds"] > 0
+    first["seconds"] = 1000.0  # as if the first part had run 1,000 s: the clock goes on from there
+    torch.save(first, tmp_path / "c" / "ckpt.pt")
     train.main([*common, "--out-dir", str(tmp_path / "c"),
                 "--resume", str(tmp_path / "c" / "ckpt.pt")])
     a, b, c = (torch.load(tmp_path / n / "ckpt.pt", weights_only=True) for n in "abc")
@@ -247,6 +250,7 @@ def test_same_seed_same_run_and_resume_continues_exactly(data_dir, tmp_path):
         torch.testing.assert_close(a["model"][key], c["model"][key], rtol=0, atol=0)
         torch.testing.assert_close(a["ema"][key], c["ema"][key], rtol=0, atol=0)
     assert a["step"] == c["step"] == 6 and a["folder"] == "ddpm"
+    assert c["seconds"] > 1000.0  # --max-minutes counts the whole run, across --resume
     assert [r["loss"] for r in read_metrics(tmp_path / "a")] == \
            [r["loss"] for r in read_metrics(tmp_path / "c")]  # metrics.csv appended on --resume
 

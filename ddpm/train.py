@@ -149,7 +149,7 @@ def build(cfg, device, ckpt, rank):
     return model, ema, diffusion, optimizer, ckpt["step"]
 
 
-def save(path, cfg, model, ema, optimizer, step, ddp, world_size):
+def save(path, cfg, model, ema, optimizer, step, seconds, ddp, world_size):
     """ckpt.pt, with every rank's RNG state: --resume continues each process's stream exactly."""
     states = [rng_state()]
     if ddp:
@@ -158,7 +158,8 @@ def save(path, cfg, model, ema, optimizer, step, ddp, world_size):
     if not ddp or dist.get_rank() == 0:
         save_checkpoint(path, {"folder": "ddpm", "config": config_dict(cfg),
                                "model": model.state_dict(), "ema": ema.state_dict(),
-                               "optimizer": optimizer.state_dict(), "step": step, "rng": states})
+                               "optimizer": optimizer.state_dict(), "step": step,
+                               "seconds": seconds, "rng": states})
 
 
 @torch.no_grad()
@@ -187,7 +188,8 @@ def main(argv=None):
     cfg = parse_config(Config, argv, PRESETS)
     ckpt = load_resume(cfg) if cfg.resume else None  # a bad --resume fails before any work
     out_dir = make_out_dir(cfg.out_dir)
-    clock = Clock(cfg.max_minutes)  # everything from here counts, the sample grids included
+    # the whole run's budget: time before a --resume counts, the sample grids included
+    clock = Clock(cfg.max_minutes, ckpt.get("seconds", 0.0) if ckpt else 0.0)
     ddp, rank, world_size, device = setup(cfg)
     seed_everything(cfg.seed + rank)  # per-rank seeds: each process draws its own batches, t, eps
     # all the training images in memory as uint8 (N, C, H, W), scaled to [-1, 1] per batch
@@ -232,7 +234,8 @@ def main(argv=None):
             save_samples(ema, diffusion, cfg.dataset, out_dir / "samples" / f"step{step:07d}.png")
         stop = clock.done()  # --max-minutes spent, or Ctrl-C: every rank stops at the same step
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or stop:
-            save(out_dir / "ckpt.pt", cfg, model, ema, optimizer, step, ddp, world_size)
+            save(out_dir / "ckpt.pt", cfg, model, ema, optimizer, step, clock.seconds, ddp,
+                 world_size)
         if stop:
             break
     progress.close()
