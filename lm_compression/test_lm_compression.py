@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import model
+import plumbing
 import sample
 import train
 
@@ -705,7 +706,6 @@ def test_shipped_model_codes_held_out_text_at_its_measured_rate_exactly():
 
 
 def test_shipped_model_with_a_wrong_sha256_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
-    import plumbing
     shipped = tmp_path / "pretrained"
     shipped.mkdir()
     (shipped / "manifest.json").write_bytes((plumbing.PRETRAINED / "manifest.json").read_bytes())
