@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 # --------------------------------------------------------------------------------------------------
 # 1. The byte-level Transformer (nanoGPT's parts and names, pre-LayerNorm)
@@ -357,10 +358,12 @@ def device_of(lm):
 
 
 @torch.no_grad()
-def encode(lm, chunks, batch_size=64, limit=None):
+def encode(lm, chunks, batch_size=64, limit=None, progress=False):
     """chunks: lists of symbols < lm.vocab_size, each coded with its own context -> the arithmetic
-    code (bytes), or None as soon as it is longer than `limit` bytes."""
+    code (bytes), or None as soon as it is longer than `limit` bytes. progress: a tqdm bar."""
     device, coder = device_of(lm), ArithmeticEncoder()
+    bar = tqdm(total=sum(map(len, chunks)), desc="compress", unit="sym", disable=not progress,
+               leave=False)
     for group in chunk_groups([len(c) for c in chunks], batch_size):
         rows = padded_rows(chunks, group, device)
         steps, arange = rows.shape[1], torch.arange(len(group), device=device)
@@ -373,19 +376,23 @@ def encode(lm, chunks, batch_size=64, limit=None):
             for b, i in enumerate(group):
                 if t < len(chunks[i]):
                     coder.encode(lo[b], hi[b])
+            bar.update(sum(t < len(chunks[i]) for i in group))
             if limit is not None and len(coder.bits) > 8 * limit:
+                bar.close()
                 return None
             if t + 1 < steps:
                 logits = stepper.next(rows[:, t])
+    bar.close()
     return coder.finish()
 
 
 @torch.no_grad()
-def decode(lm, data, lengths, batch_size=64):
+def decode(lm, data, lengths, batch_size=64, progress=False):
     """The inverse of `encode`: replays its computation, feeding back the decoded symbols.
     lengths: the number of symbols of each chunk. Returns the chunks (lists of symbols)."""
     device, coder = device_of(lm), ArithmeticDecoder(data)
     chunks = [[] for _ in lengths]
+    bar = tqdm(total=sum(lengths), desc="decompress", unit="sym", disable=not progress, leave=False)
     for group in chunk_groups(lengths, batch_size):
         steps = max(lengths[i] for i in group)
         stepper = Stepper(lm, len(group), steps, device)
@@ -397,8 +404,10 @@ def decode(lm, data, lengths, batch_size=64):
                 if t < lengths[i]:
                     symbols[b] = coder.decode(cum[b])
                     chunks[i].append(symbols[b])
+            bar.update(sum(t < lengths[i] for i in group))
             if t + 1 < steps:
                 logits = stepper.next(torch.tensor(symbols, dtype=torch.long, device=device))
+    bar.close()
     return chunks
 
 

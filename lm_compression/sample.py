@@ -366,7 +366,8 @@ def compress(data, lm, tokenizer, model_id, chunk_size=2048, batch_size=64, stor
     """The compressed file: coded, or stored when coding would not make it smaller."""
     chunks = [tokenizer.encode(c) for c in split_bytes(data, chunk_size, tokenizer.text)]  # checked
     settings = coding_settings(lm, chunk_size, batch_size)
-    payload = lm_model.encode(lm, chunks, batch_size, limit=len(data) if stored_fallback else None)
+    payload = lm_model.encode(lm, chunks, batch_size, limit=len(data) if stored_fallback else None,
+                              progress=sys.stderr.isatty())
     if payload is None:  # the code outgrew the input: give up early
         return pack_stored(data)
     blob = pack_coded(model_id, lm_model.weights_hash(lm), settings, [len(c) for c in chunks],
@@ -401,7 +402,8 @@ def decompress(blob, lm, tokenizer, model_id):
     threads = torch.get_num_threads()
     torch.set_num_threads(h["threads"])  # the encoder's: the same reduction order in every kernel
     try:
-        chunks = lm_model.decode(lm, payload, lengths, h["batch_size"])
+        chunks = lm_model.decode(lm, payload, lengths, h["batch_size"],
+                                 progress=sys.stderr.isatty())
     finally:
         torch.set_num_threads(threads)
     try:

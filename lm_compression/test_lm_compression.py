@@ -157,12 +157,16 @@ def test_round_trip_is_exact_on_edge_cases(chunk_size, stored_fallback):
         assert sample.decompress(blob, lm, sample.ByteTokenizer(), "tiny") == data, name
 
 
-def test_encode_and_decode_see_the_same_symbols_and_code_length():
-    """The coded length matches the replayed model's log-loss, and longer contexts keep working."""
+def test_encode_and_decode_see_the_same_symbols_and_code_length(capsys):
+    """The coded length matches the replayed model's log-loss, and longer contexts keep working;
+    the progress bars (shown on a terminal) change nothing."""
     lm = tiny_byte_model()
     chunks = byte_chunks(b"to be or not to be, that is the question " * 8, 64)
-    code = model.encode(lm, chunks, batch_size=4)
-    assert model.decode(lm, code, [len(c) for c in chunks], batch_size=4) == chunks
+    code = model.encode(lm, chunks, batch_size=4, progress=True)
+    assert model.decode(lm, code, [len(c) for c in chunks], batch_size=4, progress=True) == chunks
+    assert code == model.encode(lm, chunks, batch_size=4)
+    shown = capsys.readouterr().err
+    assert "compress:" in shown and "decompress:" in shown
     assert abs(len(code) - sum(model.code_length_bits(lm, chunks, 4)) / 8) <= 2
 
 
